@@ -1,0 +1,112 @@
+"""The `d7y-node` command line.
+
+Owns argument parsing and the mapping of errors to exit codes with one clear line on stderr.
+Every node setting's flag comes from the one option table in `config.py`, so a key added there is
+at once a flag, an environment variable and a YAML key. Does not run services itself (`node.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+import yaml
+
+from d7y_node import __version__
+from d7y_node.config import OPTIONS, NodeConfig, load_config
+from d7y_node.errors import ConfigError, D7yError
+
+# Exit codes: 2 for a usage or configuration mistake (as typer/click use), 1 for a failure at run
+# time.
+EXIT_CONFIG = 2
+EXIT_FAILURE = 1
+
+REPEATABLE = {"insecure_registry"}
+
+app = typer.Typer(
+    name="d7y-node",
+    help="One process per host: a P2P registry mirror with a durable, verified piece store.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def with_node_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give `command` a `--config FILE` option and one flag per setting in `OPTIONS`.
+
+    The command receives `config_file` and a keyword per option key (None when not given).
+    """
+    parameters = [
+        inspect.Parameter(
+            "config_file", inspect.Parameter.KEYWORD_ONLY,
+            annotation=Optional[Path],  # noqa: UP045 - typer reads this annotation at run time
+            default=typer.Option(None, "--config", metavar="FILE",
+                                 help="YAML file with settings (keys as below, _ or -)"),
+        )
+    ]
+    for key, option in OPTIONS.items():
+        annotation: Any = Optional[list[str]] if key in REPEATABLE else Optional[str]  # noqa: UP045
+        parameters.append(inspect.Parameter(
+            key, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+            default=typer.Option(None, option.flag, help=f"{option.help} [env {option.env}]",
+                                 metavar=option.metavar, show_default=False),
+        ))
+    command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    return command
+
+
+def resolve(config_file: Path | None, flags: dict[str, Any]) -> NodeConfig:
+    return load_config(file=config_file, flags=flags)
+
+
+@app.command()
+@with_node_options
+def start(config_file: Path | None = None, **flags: Any) -> None:
+    """Run the node: the registry mirror, the piece store and the peer port."""
+    config = resolve(config_file, flags)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # aiohttp logs every client disconnect at INFO/ERROR; only our own logger speaks at info.
+    logging.getLogger("aiohttp").setLevel(max(logging.WARNING, logging.root.level))
+
+    import uvloop
+
+    from d7y_node.node import Node  # the services import only when a node really runs
+
+    node = Node(config)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(node.run_until_signalled())
+
+
+@app.command("config")
+@with_node_options
+def show_config(config_file: Path | None = None, **flags: Any) -> None:
+    """Print the effective configuration (flags > D7Y_* environment > file > defaults)."""
+    config = resolve(config_file, flags)
+    typer.echo(yaml.safe_dump(config.as_dict(), sort_keys=False), nl=False)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    """The console script: run the app, turning our errors into one line and an exit code."""
+    try:
+        app(standalone_mode=True)
+    except D7yError as err:
+        code = EXIT_CONFIG if isinstance(err, ConfigError) else EXIT_FAILURE
+        print(f"d7y-node: error: {err}", file=sys.stderr)
+        sys.exit(code)

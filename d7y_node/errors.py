@@ -1,0 +1,59 @@
+"""The one error hierarchy of d7y-node.
+
+Every module raises these; each protocol boundary maps them to its own error shape exactly once
+(OCI error JSON in `proxy.py`, exit code + one line in `cli.py`). Nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class D7yError(Exception):
+    """Base of every error d7y-node raises on purpose."""
+
+
+class ConfigError(D7yError):
+    """A configuration value is wrong; `key` names it the way the user wrote it."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+class InvalidRequest(D7yError):
+    """A client asked for something malformed (bad name, digest, range, header)."""
+
+    def __init__(self, code: str, message: str, *, status: int = 400) -> None:
+        # `code` is the OCI distribution error code (NAME_INVALID, DIGEST_INVALID, ...).
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+class UpstreamUnavailable(D7yError):
+    """The origin could not be reached or broke the connection; clients should try elsewhere."""
+
+
+class UpstreamStatus(D7yError):
+    """The origin answered with a status the client must see as it is (401, 403, 404, 429...)."""
+
+    def __init__(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+        super().__init__(f"upstream answered {status}")
+        self.status = status
+        self.headers = dict(headers)
+        self.body = body
+
+
+class TaskFailed(D7yError):
+    """A download could not complete; every reader waiting on it gets this."""
+
+
+class DigestMismatch(TaskFailed):
+    """The bytes received do not hash to the content's digest; nothing of them is kept."""
+
+
+class StoreFull(TaskFailed):
+    """The piece store has no room left for this task (disk full or quota reached)."""

@@ -1,0 +1,1 @@
+"""Shared pytest setup: every test gets a fresh event loop (pytest-asyncio, auto mode)."""
