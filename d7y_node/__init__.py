@@ -1,3 +1,3 @@
-"""d7y-node: one process per host that mirrors registries, stores verified pieces, and serves them."""
+"""d7y-node: one process per host that mirrors registries and serves verified pieces."""
 
 __version__ = "0.1.0"

@@ -57,3 +57,19 @@ class DigestMismatch(TaskFailed):
 
 class StoreFull(TaskFailed):
     """The piece store has no room left for this task (disk full or quota reached)."""
+
+
+class GossipError(D7yError):
+    """Something wrong with a gossip packet or stream from another host; it is dropped."""
+
+
+class MalformedMessage(GossipError):
+    """Gossip bytes that do not decode to a valid message (garbage, truncated, out of bounds)."""
+
+
+class AuthenticationFailed(GossipError):
+    """Gossip bytes without a valid cluster-key tag (no key, another key, or tampered)."""
+
+
+class RafsError(D7yError):
+    """A Nydus (RAFS) bootstrap or data blob is malformed, unsupported, or fails verification."""
