@@ -8,10 +8,12 @@ the id itself, so no id can walk out of the directory):
   digests, the expected sha256, attributes, complete flag, last access time), always replaced
   atomically (temp file + fsync + rename + fsync of the directory).
 
-Durability rule: the data file is `fdatasync`ed before the metadata claims a piece, and before it
-says complete, so after a crash at any moment every claimed byte is on disk. Pieces written but not
-yet claimed are fetched again. Complete tasks are trusted on restart; partial ones are verified
-against their xxh3 digests when they are next used (`verify`), not at start-up.
+Durability rule: the data file is `fdatasync`ed before the metadata says *complete*, because complete
+tasks are trusted on restart. Metadata that only claims pieces of a partial task is written without
+syncing the data first: a reloaded partial task is verified against its xxh3 digests when it is next
+used (`verify`), so a claimed piece that did not reach the disk before a power cut is caught and
+fetched again. Syncing on every progress save would bound downloads by the disk's write-back speed
+instead of the page cache's. (A killed process loses nothing: its writes are in the page cache.)
 
 Also owns garbage collection (quota or disk, high/low watermarks, TTL, least recently used first,
 pinned tasks kept) and the bounded thread pool every blocking file operation runs in.
@@ -134,6 +136,8 @@ class StoredTask:
     unflushed: int = 0
     # Something other than pieces (access time, attributes) changed since the last flush.
     meta_dirty: bool = False
+    # The data file has been fdatasync'ed since the task became complete.
+    synced: bool = False
     # When the metadata was last written (monotonic), to space flushes.
     flushed_at: float = 0.0
     # sha256 state of the contiguous prefix [0, position) of held pieces, kept in memory between
@@ -633,7 +637,7 @@ class PieceStore:
         return task.unflushed >= pieces or time.monotonic() - task.flushed_at >= interval
 
     async def flush(self, task: StoredTask) -> None:
-        """Make the metadata match memory: fdatasync the data, then replace the metadata."""
+        """Make the metadata match memory; a complete task's data is fdatasync'ed first."""
         async with task.lock:
             if task.removed or not (task.unflushed or task.meta_dirty):
                 return
@@ -641,7 +645,7 @@ class PieceStore:
             payload = encode_metadata(task)
             pending = task.unflushed
             sync: int | Path | None = None
-            if pending:
+            if task.complete and not task.synced:
                 sync = task.fd if task.fd is not None else self._path(task, DATA_SUFFIX)
             task.meta_dirty = False
             try:
@@ -659,12 +663,18 @@ class PieceStore:
                 raise
             task.unflushed -= pending
             task.flushed_at = time.monotonic()
+            if sync is not None:
+                task.synced = True
 
-    async def complete(self, task: StoredTask) -> None:
-        """Mark the task complete (its sha256 matched) and make that durable."""
+    def mark_complete(self, task: StoredTask) -> None:
+        """The task's sha256 matched: serve it as complete now; `flush` makes that durable."""
         task.complete = True
         task.reserve = False
         task.meta_dirty = True
+
+    async def complete(self, task: StoredTask) -> None:
+        """Mark the task complete and make that durable."""
+        self.mark_complete(task)
         await self.flush(task)
 
     async def hash_range(self, task: StoredTask, hasher: Any, start: int, end: int) -> None:

@@ -28,7 +28,8 @@ Decisions a client can observe:
   without the store, so an upstream cannot vouch for content it does not have.
 - An upstream refusal (401 with `WWW-Authenticate`, 403, 404, 429) goes back as upstream sent
   it; a refused HEAD probe is asked again as a GET so a GET client gets upstream's body.
-- A whole blob still downloading is sent except its last byte until its sha256 matched.
+- A whole blob still downloading is sent except its last piece until its sha256 matched (the
+  `TaskHandle.segments` contract), so a client never receives all of a blob that turns out wrong.
 - If a download fails after the response headers went out, the connection is closed: the
   client sees a short body, never a wrong byte.
 """
@@ -129,10 +130,6 @@ SEND_BYTES = 16 << 20
 SEND_STALL_SECONDS = 60.0
 # How often to look whether the transport's own buffer (the headers) has drained.
 WRITE_BUFFER_POLL = 0.0005
-
-# How often a response holding back its last byte looks whether the download completed.
-COMPLETE_POLL_FIRST = 0.001
-COMPLETE_POLL_MAX = 0.05
 
 ROUTE_V2 = "v2"
 ROUTE_MANIFEST = "manifest"
@@ -664,21 +661,13 @@ class ProxyServer:
         from_store: bool,
     ) -> web.StreamResponse:
         """Send `span` of the task: headers once its first bytes are on disk (so an early
-        failure still gets a proper error status), then segment after segment.
-
-        A whole body still downloading is sent except its last byte until the task is complete
-        (its sha256 matched), so a client never receives all of a blob that turns out wrong.
-        """
+        failure still gets a proper error status), then segment after segment."""
         response = web.StreamResponse(status=span.status, headers=headers)
         response.content_length = span.count
         if not span.count:
             await response.prepare(request)
             await response.write_eof()
             return response
-        content_length = handle.info.content_length
-        hold_last_byte = (
-            not handle.info.complete and span.start == 0 and span.count == content_length
-        )
         sender = _SegmentSender(request, response)
         async with _closing(handle.segments(span.start, span.count)) as segments:
             try:
@@ -689,13 +678,6 @@ class ProxyServer:
             try:
                 segment: Segment | None = first
                 while segment is not None:
-                    end = segment.offset + segment.count
-                    if hold_last_byte and end == content_length:
-                        if segment.count > 1:
-                            head = Segment(segment.fd, segment.offset, segment.count - 1)
-                            await self._count(sender.send(head), from_store)
-                        await wait_complete(handle)
-                        segment = Segment(segment.fd, end - 1, 1)
                     await self._count(sender.send(segment), from_store)
                     segment = await anext(segments, None)
             except (D7yError, OSError) as error:
@@ -741,21 +723,6 @@ async def _closing(iterator: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]
         aclose = getattr(iterator, "aclose", None)
         if aclose is not None:
             await aclose()
-
-
-async def wait_complete(handle: TaskHandle) -> None:
-    """Wait until the task is complete (its sha256 matched); raises the download's failure
-    (`DigestMismatch`, `TaskFailed`) instead if it fails. Polls: the handle offers no event, and
-    the hasher trails the last piece by at most a few milliseconds of page-cache reads."""
-    delay = COMPLETE_POLL_FIRST
-    last = handle.info.content_length - 1
-    while not handle.info.complete:
-        # Asking for a byte re-raises the download's failure once it has failed.
-        async with _closing(handle.segments(last, 1)) as segments:
-            async for _ in segments:
-                pass
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, COMPLETE_POLL_MAX)
 
 
 class _SegmentSender:

@@ -122,7 +122,11 @@ class TaskHandle(Protocol):
     def segments(self, offset: int, length: int) -> AsyncIterator[Segment]:
         """Yield the range [offset, offset+length) as segments, in order, each as soon as its
         pieces are on disk and verified. Raises `TaskFailed` (or a subclass) if the download
-        fails before the range is covered. The caller must have validated the range."""
+        fails before the range is covered. The caller must have validated the range.
+
+        During a whole download, the piece holding the content's last byte is yielded only
+        after the whole content's sha256 matched, so a reader of the whole content never
+        receives all of a blob that turns out wrong (`DigestMismatch` instead)."""
         ...
 
     async def read(self, offset: int, length: int) -> bytes:
@@ -281,6 +285,10 @@ class _LiveTask:
             if self.discard_on_stop:
                 await self.store.discard(stored)
             raise self.failure
+        try:
+            await self.store.flush(stored)
+        except (OSError, StoreFull) as err:
+            log.warning("task %s: complete, but saving that failed: %s", self.task_id, err)
 
     # -- download ------------------------------------------------------------------------------
 
@@ -580,12 +588,9 @@ class _LiveTask:
                 discard=True,
             )
             return
-        try:
-            await self.store.complete(stored)
-        except (OSError, StoreFull) as err:
-            # The content is verified and served; only saving that failed. It is retried at the
-            # next flush, and after a crash the task is simply checked again.
-            log.warning("task %s: complete, but saving that failed: %s", self.task_id, err)
+        # Readers get the last bytes now; the supervisor's final flush syncs the data and saves
+        # the complete flag afterwards (if that fails, a restart verifies the task again).
+        self.store.mark_complete(stored)
         stored.prefix = None
         log.info("task %s complete (%d bytes)", self.task_id, stored.content_length)
         self._wake_all()

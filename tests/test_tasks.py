@@ -538,6 +538,31 @@ async def test_restart_serves_complete_task_without_source(tmp_path: Path) -> No
         assert await fetch(node.manager, "blob", None, data) == data
 
 
+def saved_complete_flags(directory: Path) -> list[bool]:
+    """What the metadata files on disk say, not what memory says."""
+    metas = sorted((directory / "tasks").glob("*.meta"))
+    return [decode_metadata(meta.read_bytes(), meta.name[:-5]).complete for meta in metas]
+
+
+async def test_whole_download_saves_complete_durably(tmp_path: Path) -> None:
+    data = payload(3 * MIB + 1)
+    async with Node(tmp_path) as node:
+        assert await fetch(node.manager, "blob", MemorySource(data), data)
+        await wait_for(lambda: saved_complete_flags(tmp_path) == [True])
+
+
+async def test_task_with_every_piece_completes_from_disk_and_saves_it(tmp_path: Path) -> None:
+    data = payload(3 * MIB)
+    async with Node(tmp_path) as node, node.manager.open(
+        "blob", MemorySource(data), sha256=sha(data), whole=False
+    ) as handle:
+        assert await handle.read(0, len(data)) == data
+    assert saved_complete_flags(tmp_path) == [False]
+    async with Node(tmp_path) as node:
+        assert await fetch(node.manager, "blob", None, data) == data
+        assert saved_complete_flags(tmp_path) == [True]
+
+
 async def test_partial_task_resumes_with_only_missing_pieces(tmp_path: Path) -> None:
     data = payload(6 * MIB)
     async with Node(tmp_path) as node, node.manager.open(
