@@ -73,3 +73,26 @@ class AuthenticationFailed(GossipError):
 
 class RafsError(D7yError):
     """A Nydus (RAFS) bootstrap or data blob is malformed, unsupported, or fails verification."""
+
+
+class PeerFailed(UpstreamUnavailable):
+    """A peer could not give what was asked (unreachable, refused, malformed answer); the
+    scheduler counts it against that peer and asks another. `peer` names it (id or address)."""
+
+    def __init__(self, peer: str, message: str) -> None:
+        super().__init__(f"peer {peer}: {message}")
+        self.peer = peer
+        self.message = message
+
+
+class PeerBusy(PeerFailed):
+    """A peer has no free upload slot now; try another, or this one after `retry_after` s."""
+
+    def __init__(self, peer: str, retry_after: float) -> None:
+        super().__init__(peer, f"no free upload slot, retry after {retry_after:g}s")
+        self.retry_after = retry_after
+
+
+class PieceCorrupt(PeerFailed):
+    """A peer's piece does not hash to the xxh3 it came with: that peer is dropped for the task
+    and the piece is fetched elsewhere."""

@@ -8,12 +8,13 @@ the id itself, so no id can walk out of the directory):
   digests, the expected sha256, attributes, complete flag, last access time), always replaced
   atomically (temp file + fsync + rename + fsync of the directory).
 
-Durability rule: the data file is `fdatasync`ed before the metadata says *complete*, because complete
-tasks are trusted on restart. Metadata that only claims pieces of a partial task is written without
-syncing the data first: a reloaded partial task is verified against its xxh3 digests when it is next
-used (`verify`), so a claimed piece that did not reach the disk before a power cut is caught and
-fetched again. Syncing on every progress save would bound downloads by the disk's write-back speed
-instead of the page cache's. (A killed process loses nothing: its writes are in the page cache.)
+Durability rule: the data file is `fdatasync`ed before the metadata says *complete*, because
+complete tasks are trusted on restart. Metadata that only claims pieces of a partial task is
+written without syncing the data first: a reloaded partial task is verified against its xxh3
+digests when it is next used (`verify`), so a claimed piece that did not reach the disk before a
+power cut is caught and fetched again. Syncing on every progress save would bound downloads by the
+disk's write-back speed instead of the page cache's. (A killed process loses nothing: its writes
+are in the page cache.)
 
 Also owns garbage collection (quota or disk, high/low watermarks, TTL, least recently used first,
 pinned tasks kept) and the bounded thread pool every blocking file operation runs in.

@@ -27,6 +27,9 @@ TAG_BYTES = 16
 # Distinct derivation labels, so a key leaked from one use says nothing about the other and a
 # tag computed for one purpose never verifies for the other.
 _KEY_LABEL = b"d7y-node gossip cluster key v1"
+# Keys derived for other protocols are HMACs of labels with this prefix; gossip tags are HMACs of
+# inputs starting with a purpose name (lowercase letters), so the two never share an input.
+_DERIVE_PREFIX = b"\x00derive:"
 
 
 class Purpose(enum.Enum):
@@ -47,6 +50,11 @@ class ClusterKey:
         # HMAC as a key-derivation function (HKDF-extract with a fixed label): a secret of any
         # length and quality becomes a uniform 32-byte key.
         self._key = hmac.new(_KEY_LABEL, secret, hashlib.sha256).digest()
+
+    def derive(self, label: bytes) -> bytes:
+        """A 32-byte key for another protocol (peer HTTP), independent of the gossip tags:
+        HMAC of a label that starts with a byte no gossip purpose starts with."""
+        return hmac.new(self._key, _DERIVE_PREFIX + label, hashlib.sha256).digest()
 
     def _tag(self, purpose: Purpose, body: bytes) -> bytes:
         mac = hmac.new(self._key, purpose.value, hashlib.sha256)
