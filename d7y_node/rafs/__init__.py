@@ -14,6 +14,7 @@ may be an mmap, so a 100k-inode image costs memory only for what is used.
 
 Modules: `bounded` (checked reads), `chunks` (decompress, verify), `erofs` (EROFS structures),
 `v6` and `v5` (the two bootstrap formats), `blob` (data blob trailers), `tree` (the model).
+Writing: `builder` (the input tree) and `writer` (`write_image`: RAFS v6 bootstrap and blobs).
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ def check_blob_features(features: int, where: str) -> None:
 # -- ToC --
 
 TOC_ENTRY_LAYOUT = struct.Struct("<I4x16s32sQQQ48x")
-_TOC_COMPRESSION = {0x1: Compressor.NONE, 0x2: Compressor.ZSTD, 0x4: Compressor.LZ4_BLOCK}
+TOC_COMPRESSION = {0x1: Compressor.NONE, 0x2: Compressor.ZSTD, 0x4: Compressor.LZ4_BLOCK}
 _TOC_NAME_PATTERN = re.compile(rb"[A-Za-z0-9._-]{1,16}")
 
 
@@ -202,7 +202,7 @@ def parse_toc(
         if not _TOC_NAME_PATTERN.fullmatch(name_bytes):
             raise RafsError(f"blob ToC: invalid entry name {raw_name!r}")
         name = name_bytes.decode("ascii")
-        compressor = _TOC_COMPRESSION.get(flags)
+        compressor = TOC_COMPRESSION.get(flags)
         if compressor is None:
             raise RafsError(f"blob ToC: entry {name} has unknown flags {flags:#x}")
         # nydus records image.blob's offset as where the chunk data ends; the data itself
@@ -247,7 +247,7 @@ def extract_toc_entry(entry: TocEntry, stored: bytes) -> bytes:
 # -- blob.meta: the chunk info table --
 
 META_HEADER_LAYOUT = struct.Struct("<IIIIQQQQQI")
-_META_MAGIC2_OFFSET = META_HEADER_SIZE - 4
+META_MAGIC2_OFFSET = META_HEADER_SIZE - 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,7 +277,7 @@ def parse_blob_meta_header(data: bytes) -> BlobMetaHeader:
         _zran_size,
         _zran_count,
     ) = META_HEADER_LAYOUT.unpack_from(data, 0)
-    (magic2,) = struct.unpack_from("<I", data, _META_MAGIC2_OFFSET)
+    (magic2,) = struct.unpack_from("<I", data, META_MAGIC2_OFFSET)
     if magic != META_MAGIC or magic2 != META_MAGIC:
         raise RafsError("blob.meta header: bad magic")
     check_blob_features(features, "blob.meta header")

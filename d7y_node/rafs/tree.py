@@ -52,19 +52,11 @@ class FileType:
     ALL = frozenset({REGULAR, DIRECTORY, SYMLINK, CHARACTER_DEVICE, BLOCK_DEVICE, FIFO, SOCKET})
 
 
-@dataclass(frozen=True, slots=True)
-class Attributes:
-    """What `stat` shows for one inode."""
+class FileModeQueries:
+    """File type questions answered from a `mode` (st_mode) attribute."""
 
-    ino: int
-    mode: int  # file type and permission bits, as st_mode
-    uid: int
-    gid: int
-    nlink: int
-    size: int
-    rdev: int  # device number (Linux encoding, as st_rdev) for device nodes, else 0
-    mtime: int  # seconds since the epoch
-    mtime_nanoseconds: int
+    __slots__ = ()
+    mode: int
 
     @property
     def file_type(self) -> int:
@@ -81,6 +73,21 @@ class Attributes:
     @property
     def is_symlink(self) -> bool:
         return stat.S_ISLNK(self.mode)
+
+
+@dataclass(frozen=True, slots=True)
+class Attributes(FileModeQueries):
+    """What `stat` shows for one inode."""
+
+    ino: int
+    mode: int  # file type and permission bits, as st_mode
+    uid: int
+    gid: int
+    nlink: int
+    size: int
+    rdev: int  # device number (Linux encoding, as st_rdev) for device nodes, else 0
+    mtime: int  # seconds since the epoch
+    mtime_nanoseconds: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,14 +354,18 @@ class Filesystem(abc.ABC):
         return cached
 
 
+def is_valid_name(name: bytes) -> bool:
+    """Whether `name` may be a directory entry: 1..255 bytes, no "/" or NUL, not "." or ".."."""
+    return (
+        0 < len(name) <= MAX_NAME_LENGTH
+        and b"/" not in name
+        and b"\0" not in name
+        and name not in (b".", b"..")
+    )
+
+
 def _check_name(name: bytes, directory: int) -> None:
-    if (
-        not name
-        or len(name) > MAX_NAME_LENGTH
-        or b"/" in name
-        or b"\0" in name
-        or name in (b".", b"..")
-    ):
+    if not is_valid_name(name):
         raise RafsError(f"directory {directory} holds an invalid name {name[:300]!r}")
 
 

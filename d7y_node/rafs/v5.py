@@ -73,13 +73,13 @@ class SuperFlag:
     KNOWN = 0x3FF | ENCRYPTION_NONE | ENCRYPTION_AES_128_XTS | RESERVED_COMPAT
 
 
-_COMPRESSION_FLAGS = {
+COMPRESSION_FLAGS = {
     SuperFlag.COMPRESSION_NONE: Compressor.NONE,
     SuperFlag.COMPRESSION_LZ4: Compressor.LZ4_BLOCK,
     SuperFlag.COMPRESSION_GZIP: Compressor.GZIP,
     SuperFlag.COMPRESSION_ZSTD: Compressor.ZSTD,
 }
-_DIGEST_FLAGS = {SuperFlag.HASH_BLAKE3: Digester.BLAKE3, SuperFlag.HASH_SHA256: Digester.SHA256}
+DIGEST_FLAGS = {SuperFlag.HASH_BLAKE3: Digester.BLAKE3, SuperFlag.HASH_SHA256: Digester.SHA256}
 
 
 def check_super_flags(flags: int, where: str) -> tuple[Compressor, Digester]:
@@ -88,8 +88,8 @@ def check_super_flags(flags: int, where: str) -> tuple[Compressor, Digester]:
         raise RafsError(f"{where}: unknown flags {flags & ~SuperFlag.KNOWN:#x}")
     if flags & (SuperFlag.TARFS_MODE | SuperFlag.ENCRYPTION_AES_128_XTS):
         raise RafsError(f"{where}: tarfs mode and encrypted images are not supported")
-    compressors = [value for bit, value in _COMPRESSION_FLAGS.items() if flags & bit]
-    digesters = [value for bit, value in _DIGEST_FLAGS.items() if flags & bit]
+    compressors = [value for bit, value in COMPRESSION_FLAGS.items() if flags & bit]
+    digesters = [value for bit, value in DIGEST_FLAGS.items() if flags & bit]
     if len(compressors) != 1 or len(digesters) != 1:
         raise RafsError(f"{where}: flags {flags:#x} must name one compressor and one digester")
     return compressors[0], digesters[0]

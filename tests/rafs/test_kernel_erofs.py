@@ -93,8 +93,9 @@ def kernel_view(mountpoint: Path) -> dict[bytes, tuple[object, ...]]:
             if name == "." and Path(directory_path) != mountpoint:
                 continue
             info = path.lstat()
-            relative = b"/" + os.fsencode(path.relative_to(mountpoint)).removeprefix(b".")
-            relative = relative.replace(b"//", b"/")
+            # The root is "." relative to the mountpoint; other names may start with a dot.
+            inside = os.fsencode(path.relative_to(mountpoint))
+            relative = b"/" if inside == b"." else b"/" + inside
             xattrs = {
                 os.fsencode(key): os.getxattr(path, key, follow_symlinks=False)
                 for key in os.listxattr(path, follow_symlinks=False)
