@@ -16,7 +16,7 @@ system-deps:
 	scripts/install-system-deps.sh
 
 lint:
-	$(VENV) ruff check d7y_node tests bench && mypy
+	$(VENV) ruff check . && mypy
 
 unit:
 	$(VENV) pytest -q -m "not integration" $(ARGS)
