@@ -7,7 +7,10 @@ tar header naming it (so the blob is also a valid tar stream read backwards):
     blob.digest (32 bytes per chunk) | hdr | [image.boot (the bootstrap, inlined)] | hdr |
     ToC entries (128 bytes each) | rafs.blob.toc hdr
 
-The ToC at the very end lists every section with its offset, sizes, compression and sha256.
+The ToC at the very end lists every section with its offset, sizes, compression and sha256. The
+chunk info table may be stored compressed (nydus-image compresses it with the image's compressor
+when that makes it smaller): its header and its ToC entry then both give the compressor and the
+stored and plain sizes.
 Older blobs carry only the chunk info table and its header at `BlobInfo.meta_offset`.
 
 Owns parsing those trailing structures: the ToC, the `blob.meta` header and chunk info table (v1
@@ -221,6 +224,27 @@ def parse_toc(
     return BlobToc(tuple(entries), len(toc_bytes), digest)
 
 
+def decompress_section(
+    stored: bytes, compressor: Compressor, uncompressed_size: int, where: str
+) -> bytes:
+    """A metadata section (ToC entry, chunk info table) decompressed into at most
+    `uncompressed_size` bytes; the caller checks the size it got."""
+    if compressor is Compressor.NONE:
+        return bytes(stored)
+    if compressor is Compressor.ZSTD:
+        try:
+            return zstd_decompress_bounded(stored, uncompressed_size)
+        except (zstandard.ZstdError, ValueError) as error:
+            raise RafsError(f"{where}: zstd data is corrupt: {error}") from None
+    if compressor is Compressor.LZ4_BLOCK:
+        try:
+            data: bytes = lz4.block.decompress(stored, uncompressed_size=uncompressed_size)
+        except lz4.block.LZ4BlockError as error:
+            raise RafsError(f"{where}: lz4_block data is corrupt: {error}") from None
+        return data
+    raise RafsError(f"{where}: {compressor.value} sections are not supported")
+
+
 def extract_toc_entry(entry: TocEntry, stored: bytes) -> bytes:
     """The verified uncompressed content of a ToC section from its stored bytes."""
     where = f"blob section {entry.name}"
@@ -228,15 +252,7 @@ def extract_toc_entry(entry: TocEntry, stored: bytes) -> bytes:
         raise RafsError(f"{where}: got {len(stored)} bytes, expected {entry.compressed_size}")
     if entry.uncompressed_size > MAX_METADATA_SIZE:
         raise RafsError(f"{where}: {entry.uncompressed_size} bytes is more than we accept")
-    if entry.compressor is Compressor.NONE:
-        data = bytes(stored)
-    elif entry.compressor is Compressor.ZSTD:
-        try:
-            data = zstd_decompress_bounded(stored, entry.uncompressed_size)
-        except (zstandard.ZstdError, ValueError) as error:
-            raise RafsError(f"{where}: zstd data is corrupt: {error}") from None
-    else:
-        raise RafsError(f"{where}: lz4_block sections are not supported (nydus makes none)")
+    data = decompress_section(stored, entry.compressor, entry.uncompressed_size, where)
     if len(data) != entry.uncompressed_size:
         raise RafsError(f"{where}: decompresses to {len(data)}, expected {entry.uncompressed_size}")
     if any(entry.digest) and hashlib.sha256(data).digest() != entry.digest:
@@ -418,31 +434,40 @@ def load_blob_meta(
     digests: bytes | None = None,
     blob: BlobInfo | None = None,
 ) -> BlobMeta:
-    """A `BlobMeta` from the header, the table as stored (maybe compressed) and the digests."""
+    """A `BlobMeta` from the header, the table as stored in the blob (compressed when its
+    header names a compressor) and the digests."""
     header = parse_blob_meta_header(header_bytes)
     if len(stored_table) != header.table_compressed_size:
         raise RafsError("blob.meta: stored table size does not match its header")
-    if header.compressor is Compressor.NONE:
-        table = bytes(stored_table)
-    elif header.compressor is Compressor.ZSTD:
-        try:
-            table = zstd_decompress_bounded(stored_table, header.table_uncompressed_size)
-        except (zstandard.ZstdError, ValueError) as error:
-            raise RafsError(f"blob.meta: zstd table is corrupt: {error}") from None
-    elif header.compressor is Compressor.LZ4_BLOCK:
-        try:
-            table = lz4.block.decompress(
-                stored_table, uncompressed_size=header.table_uncompressed_size
-            )
-        except lz4.block.LZ4BlockError as error:
-            raise RafsError(f"blob.meta: lz4 table is corrupt: {error}") from None
-    else:
-        raise RafsError("blob.meta: gzip-compressed chunk tables are not supported")
+    # parse_blob_meta_header bounds the table's size (entries x entry size).
+    table = decompress_section(
+        stored_table, header.compressor, header.table_uncompressed_size, "blob.meta table"
+    )
+    return blob_meta_from_table(header, table, digests, blob)
+
+
+def blob_meta_from_table(
+    header: BlobMetaHeader,
+    table: bytes,
+    digests: bytes | None = None,
+    blob: BlobInfo | None = None,
+) -> BlobMeta:
+    """A `BlobMeta` from the parsed header and the table already decompressed (as a ToC entry
+    gives it), checked against the blob table entry when there is one."""
     if len(table) != header.table_uncompressed_size:
         raise RafsError("blob.meta: table decompresses to the wrong size")
+    # nydus checks the same fields of the blob table against the header (validate_header).
     if blob is not None and (
         header.entry_count != blob.chunk_count
-        or (blob.meta_compressed_size and header.table_offset != blob.meta_offset)
+        or (
+            blob.meta_compressed_size
+            and (
+                header.table_offset != blob.meta_offset
+                or header.compressor is not blob.meta_compressor
+                or header.table_compressed_size != blob.meta_compressed_size
+                or header.table_uncompressed_size != blob.meta_uncompressed_size
+            )
+        )
     ):
         raise RafsError(f"blob.meta of blob {blob.blob_id} does not match the blob table")
     return BlobMeta(
@@ -452,6 +477,24 @@ def load_blob_meta(
         compressed_limit=blob.compressed_size if blob else 0,
         uncompressed_limit=blob.uncompressed_size if blob else 0,
     )
+
+
+def check_meta_toc_entry(entry: TocEntry, header: BlobMetaHeader) -> None:
+    """The ToC's `blob.meta` entry and the blob.meta header describe the same stored table:
+    nydus-image writes both from one compression of it."""
+    if (
+        entry.compressor is not header.compressor
+        or entry.compressed_offset != header.table_offset
+        or entry.compressed_size != header.table_compressed_size
+        or entry.uncompressed_size != header.table_uncompressed_size
+    ):
+        raise RafsError(
+            "blob.meta: the ToC and the blob.meta header disagree about the chunk info table "
+            f"({entry.compressor.value} {entry.compressed_size}/{entry.uncompressed_size} bytes "
+            f"at {entry.compressed_offset} vs {header.compressor.value} "
+            f"{header.table_compressed_size}/{header.table_uncompressed_size} bytes "
+            f"at {header.table_offset})"
+        )
 
 
 # -- reading a blob's trailing metadata --
@@ -554,9 +597,11 @@ def read_blob_layout(reader: RangeReader, blob: BlobInfo | None = None) -> BlobL
     digests = read_toc_entry(reader, digest_entry) if digest_entry else None
     meta: BlobMeta | None = None
     if meta_entry is not None and header_entry is not None:
-        stored_table = read_toc_entry(reader, meta_entry)
-        header_bytes = read_toc_entry(reader, header_entry)
-        meta = load_blob_meta(header_bytes, stored_table, digests, blob)
+        header = parse_blob_meta_header(read_toc_entry(reader, header_entry))
+        check_meta_toc_entry(meta_entry, header)
+        # The ToC entry decompresses the table and checks its sha256 (of the plain table).
+        table = read_toc_entry(reader, meta_entry)
+        meta = blob_meta_from_table(header, table, digests, blob)
     elif blob is not None and blob.meta_compressed_size:
         checked_count(blob.meta_compressed_size, 1, reader.size, "blob.meta size")
         end = blob.meta_offset + blob.meta_compressed_size + META_HEADER_SIZE

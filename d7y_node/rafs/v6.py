@@ -6,11 +6,16 @@ table at 1408 (one 128-byte slot per data blob), the blob table (256 bytes per b
 EROFS metadata area (inodes addressed by nid) and directory blocks, the chunk table (80-byte
 `RafsV5ChunkInfo` records) and the prefetch table (u32 nids).
 
-A regular file is a chunk-based EROFS inode: one 8-byte index per chunk naming the blob (device
-id - 1), the chunk's index in that blob's chunk info table, and its block address in the blob's
-uncompressed space. Where the chunk is stored (offset, sizes, compressed or not) and its digest
-come from the bootstrap's chunk table or, when the bootstrap has none, from the blob's own
-`blob.meta` (attach it with `attach_blob_meta`).
+A regular file is a chunk-based EROFS inode: one 8-byte index per RAFS chunk (the superblock's
+chunk size) naming the blob (device id - 1), the chunk's index in that blob's chunk info table,
+and its block address in the blob's uncompressed space. The chunk size the inode declares is for
+the kernel: nydus-image declares the file size rounded up to a power of two when the file's
+chunks follow each other in one blob (the kernel then maps one big chunk), while nydusd, and this
+reader, still step through the indexes by the RAFS chunk size.
+
+Where a chunk is stored (offset, sizes, compressed or not) and its digest come from the
+bootstrap's chunk table or, when the bootstrap has none, from the blob's own `blob.meta` (attach
+it with `attach_blob_meta`).
 
 Inode numbers of the model: nid + 1, with the root's and nid 0's numbers swapped so that the root
 is 1. Owns RAFS v6 parsing and validation on top of `erofs.py`; does not fetch blobs.
@@ -367,18 +372,28 @@ class RafsV6Filesystem(Filesystem):
         return self._resolve_range(inode, start, end)
 
     def _resolve_range(self, inode: erofs.DiskInode, start: int, end: int) -> list[Chunk]:
-        """The chunks of `inode` overlapping `[start, end)` (holes left out)."""
+        """The chunks of `inode` overlapping `[start, end)` (holes left out).
+
+        As nydusd does, the chunk index array is stepped through by the image's (RAFS) chunk
+        size, one index per RAFS chunk, whatever chunk size the inode declares to the kernel
+        (see `_declares_one_kernel_chunk`)."""
         if inode.layout != erofs.LAYOUT_CHUNK_BASED or end <= start:
             return []
-        chunk_size = erofs.chunk_size_of(inode, self._superblock.block_bits)
-        if chunk_size > MAX_CHUNK_SIZE:
-            raise RafsError(f"inode nid {inode.nid}: chunk size {chunk_size} is too big")
+        chunk_size = self.chunk_size
+        one_kernel_chunk = self._declares_one_kernel_chunk(inode)
         total = -(-inode.size // chunk_size)
         checked_count(total, erofs.CHUNK_INDEX_SIZE, self._buffer.size, "chunk indexes")
         first = start // chunk_size
         last = min(total, -(-end // chunk_size))
-        chunks = []
+        if last <= first:
+            return []
         indexes = erofs.read_chunk_indexes(self._buffer, inode, first, last - first)
+        if one_kernel_chunk and total > 1:
+            base = (
+                indexes[0] if first == 0 else erofs.read_chunk_indexes(self._buffer, inode, 0, 1)[0]
+            )
+            self._check_contiguous(inode, base, indexes, first)
+        chunks = []
         for position, (device_id, chunk_index, block_address) in enumerate(indexes, first):
             if block_address == erofs.NULL_ADDRESS:
                 continue
@@ -390,6 +405,45 @@ class RafsV6Filesystem(Filesystem):
                 )
             )
         return chunks
+
+    def _declares_one_kernel_chunk(self, inode: erofs.DiskInode) -> bool:
+        """Whether the inode declares a chunk size other than the image's, which nydus-image
+        does for a file larger than one chunk whose chunks follow each other in one blob: it
+        declares the file size rounded up to a power of two, so that the kernel maps the file
+        as one chunk (at the first index's block) while nydusd still reads one index per RAFS
+        chunk. Any other chunk size would make the kernel and nydusd see different files."""
+        declared = erofs.chunk_size_of(inode, self._superblock.block_bits)
+        if declared == self.chunk_size:
+            return False
+        if declared < inode.size:
+            raise RafsError(
+                f"inode nid {inode.nid}: chunk size {declared} is neither the image's "
+                f"{self.chunk_size} nor one chunk covering its {inode.size} bytes"
+            )
+        return True
+
+    def _check_contiguous(
+        self,
+        inode: erofs.DiskInode,
+        base: tuple[int, int, int],
+        indexes: Sequence[tuple[int, int, int]],
+        first: int,
+    ) -> None:
+        """For a file the kernel sees as one chunk: each RAFS chunk must sit right after the
+        previous one in the same blob, else the kernel would read other bytes than nydusd."""
+        base_device, _, base_block = base
+        blocks_per_chunk = self.chunk_size // self._block_size
+        for position, (device_id, _, block_address) in enumerate(indexes, first):
+            if (
+                block_address == erofs.NULL_ADDRESS
+                or device_id != base_device
+                or block_address != base_block + position * blocks_per_chunk
+            ):
+                declared = erofs.chunk_size_of(inode, self._superblock.block_bits)
+                raise RafsError(
+                    f"inode nid {inode.nid}: declares one {declared}-byte chunk but its RAFS "
+                    f"chunk {position} does not follow chunk 0 in the same blob"
+                )
 
     def _resolve_chunk(
         self,
