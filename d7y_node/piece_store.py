@@ -193,7 +193,7 @@ def _decode_bitmap(bits: bytes, count: int) -> bytearray:
 
 def encode_metadata(task: StoredTask) -> bytes:
     digests = b"".join(d.to_bytes(8, "big") for d in task.digests)
-    return msgpack.packb(
+    encoded: bytes = msgpack.packb(
         {
             "version": METADATA_VERSION,
             "task_id": task.task_id,
@@ -208,6 +208,7 @@ def encode_metadata(task: StoredTask) -> bytes:
         },
         use_bin_type=True,
     )
+    return encoded
 
 
 class BadMetadata(ValueError):
@@ -438,6 +439,8 @@ class PieceStore:
         self.clock = clock
         self.directory = config.tasks_dir
         self._tasks: dict[str, StoredTask] = {}
+        # The same tasks by file name (the sha256 of the id: the peer protocol's task key).
+        self._by_name: dict[str, StoredTask] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._sync_pool: ThreadPoolExecutor | None = None
         self._gc_task: asyncio.Task[None] | None = None
@@ -456,6 +459,7 @@ class PieceStore:
             log.warning("%s", note)
         for task in tasks:
             self._tasks[task.task_id] = task
+            self._by_name[task.name] = task
             self._allocated_total += task.allocated
         self._update_gauges()
         log.info("piece store at %s: %d tasks, %d bytes", self.directory, len(tasks),
@@ -506,6 +510,10 @@ class PieceStore:
 
     def get(self, task_id: str) -> StoredTask | None:
         return self._tasks.get(task_id)
+
+    def get_by_name(self, name: str) -> StoredTask | None:
+        """The task whose files are named `name` (`file_name_for` of its id), if held."""
+        return self._by_name.get(name)
 
     def tasks(self) -> list[StoredTask]:
         return list(self._tasks.values())
@@ -564,6 +572,7 @@ class PieceStore:
         task.fd = fd
         task.pins = 1
         self._tasks[task_id] = task
+        self._by_name[task.name] = task
         self._update_gauges()
         return task
 
@@ -736,6 +745,8 @@ class PieceStore:
         task.removed = True
         if self._tasks.get(task.task_id) is task:
             del self._tasks[task.task_id]
+        if self._by_name.get(task.name) is task:
+            del self._by_name[task.name]
         self._allocated_total -= task.allocated
         trash: list[Path] = []
         for suffix in (DATA_SUFFIX, META_SUFFIX):
