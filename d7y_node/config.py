@@ -30,6 +30,18 @@ DEFAULT_DATA_DIR = Path("/var/lib/d7y-node")
 DEFAULT_PROXY_LISTEN = "0.0.0.0:65001"
 DEFAULT_PEER_LISTEN = "0.0.0.0:65002"
 DEFAULT_REGISTRY_MIRROR = "https://registry-1.docker.io"
+DEFAULT_GOSSIP_PORT = 7946
+# Two homes per task: home 0 fetches from origin and tracks the swarm, home 1 keeps a copy to
+# take over (the scheduler's `DEFAULT_HOME_REPLICAS`).
+DEFAULT_HOMES = 2
+# At most this many homes: each one more is one more copy of every announce.
+MAX_HOMES = 5
+# A downloader that has heard from no home, and seen no swarm progress, for this long goes to
+# the origin itself: long enough for a home to fetch a first piece from a slow origin, short
+# enough that a lost home costs a client little.
+DEFAULT_HOME_TIMEOUT = 10.0
+# Labels a member may carry (the gossip wire's bound, `LABELS_MAX_COUNT`).
+MAX_LABELS = 16
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -118,6 +130,29 @@ class ProxyConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Membership and P2P scheduling."""
+
+    # Where the gossip UDP socket binds.
+    gossip_listen: Listen = Listen("0.0.0.0", DEFAULT_GOSSIP_PORT)
+    # The address other members reach us at; None: the gossip listen address if it is a
+    # specific one, else the address of the interface with the default route.
+    advertise_addr: str | None = None
+    # Members to join (HOST:PORT); a name resolving to several addresses joins them all.
+    join: tuple[str, ...] = ()
+    # (key, value) pairs announced to the cluster (zone, rack, ...), in the order given.
+    labels: tuple[tuple[str, str], ...] = ()
+    # The cluster secret: every gossip packet and peer request is authenticated with it.
+    secret_file: Path | None = None
+    # Homes per task (rendezvous hashing over alive members).
+    homes: int = DEFAULT_HOMES
+    # No answer from any home (and no progress of the swarm) for this long: go to origin.
+    home_timeout: float = DEFAULT_HOME_TIMEOUT
+    # This member's id; None: a stable id stored in the data dir on first start.
+    node_id: str | None = None
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """Everything, as `d7y-node config` prints it."""
 
@@ -127,6 +162,7 @@ class NodeConfig:
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     peer_listen: Listen = Listen("0.0.0.0", 65002)
     log_level: str = "info"
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def as_dict(self) -> dict[str, Any]:
         """The flat, user-facing form (the same keys as the YAML file)."""
@@ -235,6 +271,73 @@ def parse_host_list(key: str, value: Any) -> tuple[str, ...]:
     return tuple(parse_host_port(key, v) for v in items)
 
 
+def parse_join_list(key: str, value: Any) -> tuple[str, ...]:
+    """Members to join, each HOST[:PORT] (the gossip port 7946 when none is given)."""
+    joined = []
+    for item in parse_host_list(key, value):
+        if not re.search(r":\d+$", item):
+            item = f"{item}:{DEFAULT_GOSSIP_PORT}"
+        port = int(item.rsplit(":", 1)[1])
+        if not 0 < port < 65536:
+            raise ConfigError(key, f"port {port} is out of range 1-65535")
+        joined.append(item)
+    return tuple(joined)
+
+
+_LABEL_KEY = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.\-/]{0,62}[A-Za-z0-9])?")
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9_.\-/:]{0,128}")
+
+
+def parse_labels(key: str, value: Any) -> tuple[tuple[str, str], ...]:
+    """KEY=VALUE pairs: a list, a comma-separated string, or (in YAML) a mapping."""
+    if isinstance(value, Mapping):
+        items = [f"{k}={'' if v is None else v}" for k, v in value.items()]
+    elif isinstance(value, str):
+        items = [v for v in re.split(r"[,\s]+", value) if v]
+    elif isinstance(value, list | tuple):
+        items = [str(v) for v in value]
+    else:
+        raise ConfigError(key, f"expected KEY=VALUE labels, got {value!r}")
+    labels: dict[str, str] = {}
+    for item in items:
+        name, equals, text = item.partition("=")
+        if not equals or not _LABEL_KEY.fullmatch(name) or not _LABEL_VALUE.fullmatch(text):
+            raise ConfigError(key, f"expected KEY=VALUE (letters, digits, _ . - /), got {item!r}")
+        labels[name] = text
+    if len(labels) > MAX_LABELS:
+        raise ConfigError(key, f"at most {MAX_LABELS} labels")
+    return tuple(labels.items())
+
+
+def parse_address(key: str, value: Any) -> str:
+    """An IP address or host name other hosts can reach (no port)."""
+    text = str(value).strip()
+    try:
+        return str(ipaddress.ip_address(text.strip("[]")))
+    except ValueError:
+        pass
+    if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", text):
+        raise ConfigError(key, f"expected an IP address or host name, got {value!r}")
+    return text
+
+
+def parse_homes(key: str, value: Any) -> int:
+    try:
+        number = int(str(value))
+    except ValueError:
+        raise ConfigError(key, f"expected a whole number, got {value!r}") from None
+    if not 1 <= number <= MAX_HOMES:
+        raise ConfigError(key, f"must be between 1 and {MAX_HOMES}, got {number}")
+    return number
+
+
+def parse_node_id(key: str, value: Any) -> str:
+    text = str(value).strip()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}", text):
+        raise ConfigError(key, f"expected 1-128 letters, digits, _ . : -, got {value!r}")
+    return text
+
+
 def parse_log_level(key: str, value: Any) -> str:
     level = str(value).strip().lower()
     if level not in LOG_LEVELS:
@@ -245,7 +348,10 @@ def parse_log_level(key: str, value: Any) -> str:
 def parse_path(key: str, value: Any) -> Path:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(key, f"expected a path, got {value!r}")
-    return Path(value).expanduser().absolute()
+    try:
+        return Path(value).expanduser().absolute()
+    except RuntimeError:  # "~user" of no such user
+        raise ConfigError(key, f"cannot expand {value!r}: no such home directory") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,6 +386,10 @@ class Option:
     def show(value: Any) -> Any:
         if isinstance(value, Path | Listen):
             return str(value)
+        if isinstance(value, tuple) and value and all(
+            isinstance(item, tuple) and len(item) == 2 for item in value
+        ):
+            return [f"{name}={text}" for name, text in value]
         if isinstance(value, tuple):
             return list(value)
         return value
@@ -313,6 +423,25 @@ def _options() -> dict[str, Option]:
                "parallel range requests to origin per download", "N"),
         Option("connect_timeout", ("registry", "connect_timeout"), parse_duration,
                "give up connecting to an origin after this long", "DURATION"),
+        Option("gossip_listen", ("cluster", "gossip_listen"), parse_listen,
+               "gossip (UDP) address", "ADDR:PORT"),
+        Option("advertise_addr", ("cluster", "advertise_addr"), parse_optional(parse_address),
+               "address other members reach this one at (default: the gossip address, or "
+               "the default route's)", "ADDR"),
+        Option("join", ("cluster", "join"), parse_join_list,
+               "a member to join (repeatable; a name with several addresses joins them all)",
+               "HOST[:PORT]"),
+        Option("label", ("cluster", "labels"), parse_labels,
+               "a label other members see, e.g. zone=a (repeatable)", "KEY=VALUE"),
+        Option("secret_file", ("cluster", "secret_file"), parse_optional(parse_path),
+               "cluster key file: gossip and peer requests are authenticated with it", "FILE"),
+        Option("homes", ("cluster", "homes"), parse_homes,
+               "homes per task (home 0 fetches from origin, the next take over)", "N"),
+        Option("home_timeout", ("cluster", "home_timeout"), parse_duration,
+               "go to origin when no home answers (and the swarm stalls) this long",
+               "DURATION"),
+        Option("node_id", ("cluster", "node_id"), parse_optional(parse_node_id),
+               "this member's id (default: one stored in the data dir)", "ID"),
     ]
     return {row.key: row for row in rows}
 
@@ -395,6 +524,13 @@ def validate(config: NodeConfig) -> NodeConfig:
         except ValueError:
             if not re.fullmatch(r"[A-Za-z0-9.-]+", listen.host):
                 raise ConfigError(key, f"{listen.host!r} is not an address or host name") from None
+    if config.cluster.gossip_listen.host not in ("0.0.0.0", "::"):
+        try:
+            ipaddress.ip_address(config.cluster.gossip_listen.host)
+        except ValueError:
+            raise ConfigError(
+                "gossip_listen", f"{config.cluster.gossip_listen.host!r} is not an IP address"
+            ) from None
     if config.proxy.listen.port == config.peer_listen.port and (
         config.proxy.listen.host == config.peer_listen.host
         or "0.0.0.0" in (config.proxy.listen.host, config.peer_listen.host)

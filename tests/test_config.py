@@ -6,6 +6,7 @@ import contextlib
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -136,3 +137,45 @@ def test_plain_http_follows_containerd() -> None:
     assert is_plain_http("registry.example:5000", ("registry.example:5000",))
     assert is_plain_http("registry.example:5000", ("registry.example",))
     assert not is_plain_http("registry-1.docker.io", ())
+
+
+def test_cluster_options_from_every_layer(tmp_path: Path) -> None:
+    file = tmp_path / "node.yaml"
+    file.write_text("label: {zone: a, rack: r1}\nhomes: 3\n")
+    config = load_config(
+        file=file,
+        environ={"D7Y_JOIN": "10.0.0.1,seeds.example:8000", "D7Y_HOME_TIMEOUT": "2s"},
+        flags={"gossip_listen": "10.0.0.5:7000", "advertise_addr": "10.0.0.5",
+               "secret_file": str(tmp_path / "key"), "node_id": "host-5"},
+    )
+    cluster = config.cluster
+    assert cluster.labels == (("zone", "a"), ("rack", "r1"))
+    assert cluster.homes == 3
+    assert cluster.join == ("10.0.0.1:7946", "seeds.example:8000")
+    assert cluster.home_timeout == 2.0
+    assert cluster.gossip_listen == Listen("10.0.0.5", 7000)
+    assert (cluster.advertise_addr, cluster.node_id) == ("10.0.0.5", "host-5")
+    assert cluster.secret_file == tmp_path / "key"
+    shown = config.as_dict()
+    assert shown["label"] == ["zone=a", "rack=r1"] and shown["join"][0] == "10.0.0.1:7946"
+    # What `config` prints loads back to the same configuration.
+    again = tmp_path / "again.yaml"
+    again.write_text(yaml.safe_dump(shown))
+    assert load_config(file=again, environ={}) == config
+    defaults = load_config(environ={}).cluster
+    assert (defaults.gossip_listen, defaults.homes, defaults.join) == (
+        Listen("0.0.0.0", 7946), 2, ()
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("label", ["zone"]), ("label", ["=a"]), ("homes", "0"), ("homes", "9"),
+     ("join", ["host:99999"]), ("node_id", "a b"), ("advertise_addr", "bad/addr"),
+     ("gossip_listen", "name:7946"), ("home_timeout", "soon")],
+)
+def test_bad_cluster_values(key: str, value: object) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(environ={}, flags={key: value})
+    # Checks of one value name the flag; checks across values (validate) the key.
+    assert caught.value.key in (OPTIONS[key].flag, key)
