@@ -27,7 +27,7 @@ from d7y_node.errors import ConfigError, D7yError
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
 
-REPEATABLE = {"insecure_registry"}
+REPEATABLE = {"insecure_registry", "join", "label"}
 
 app = typer.Typer(
     name="d7y-node",
@@ -94,6 +94,88 @@ def show_config(config_file: Path | None = None, **flags: Any) -> None:
     """Print the effective configuration (flags > D7Y_* environment > file > defaults)."""
     config = resolve(config_file, flags)
     typer.echo(yaml.safe_dump(config.as_dict(), sort_keys=False), nl=False)
+
+
+# `status` gives up on a node that does not answer within this long (it answers from memory).
+STATUS_TIMEOUT_SECONDS = 5.0
+
+
+def status_url(config: NodeConfig, peer: str | None) -> str:
+    """The running node's `/status`: `--peer HOST:PORT`, else its configured peer address
+    (loopback when it listens on every address)."""
+    if peer is None:
+        host, port = config.peer_listen.host, config.peer_listen.port
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"http://{peer}/status"
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """Members and local tasks as two plain tables."""
+    lines = [f"member {status.get('member_id')} (gossip {status.get('gossip_address')})", ""]
+    lines.append(f"{'MEMBER':<28} {'ADDRESS':<22} {'STATE':<8} {'SLOTS':>5}  LABELS")
+    for member in status.get("members", []):
+        labels = ",".join(f"{k}={v}" for k, v in sorted(member.get("labels", {}).items()))
+        marker = "*" if member.get("self") else " "
+        lines.append(
+            f"{marker}{member['id']:<27} {member['address']:<22} {member['state']:<8} "
+            f"{member['load']['free_upload_slots']:>5}  {labels or '-'}"
+        )
+    lines += ["", f"{'TASK':<24} {'SIZE':>12} {'PROGRESS':>8} {'ORIGIN':>12} {'P2P':>12}  PARENTS"]
+    for task in status.get("tasks", []):
+        count = task["piece_count"] or 1
+        progress = "done" if task["complete"] else f"{100 * task['pieces_done'] // count}%"
+        name = task["task_id"]
+        short = name if len(name) <= 24 else name[:21] + "..."
+        lines.append(
+            f"{short:<24} {task['content_length']:>12} {progress:>8} {task['origin_bytes']:>12} "
+            f"{task['peer_bytes']:>12}  {','.join(task['parents']) or '-'}"
+        )
+    return "\n".join(lines)
+
+
+def status(config_file: Path | None = None, **flags: Any) -> None:
+    """Show the running node's members and tasks (read from its peer port)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    peer = flags.pop("peer", None)
+    as_json = bool(flags.pop("json", False))
+    config = resolve(config_file, flags)
+    url = status_url(config, peer)
+    try:
+        with urllib.request.urlopen(url, timeout=STATUS_TIMEOUT_SECONDS) as response:
+            body = json.loads(response.read())
+    except (OSError, ValueError) as err:
+        raise D7yError(f"cannot read the node's status at {url}: {err}") from None
+    typer.echo(json.dumps(body, indent=2) if as_json else format_status(body))
+
+
+def _add_status_options(command: Callable[..., None]) -> Callable[..., None]:
+    """`--peer HOST:PORT` and `--json`, besides the node options `status` reads its address
+    from."""
+    signature = inspect.signature(command)
+    extra = [
+        inspect.Parameter(
+            "peer", inspect.Parameter.KEYWORD_ONLY,
+            annotation=Optional[str],  # noqa: UP045 - typer reads this annotation at run time
+            default=typer.Option(None, "--peer", metavar="HOST:PORT",
+                                 help="the node's peer address (default: from its settings)"),
+        ),
+        inspect.Parameter(
+            "json", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+            default=typer.Option(False, "--json", help="print the raw JSON"),
+        ),
+    ]
+    command.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*signature.parameters.values(), *extra]
+    )
+    return command
+
+
+app.command("status")(_add_status_options(with_node_options(status)))
 
 
 @app.command()

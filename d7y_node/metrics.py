@@ -7,8 +7,45 @@ one process) and the metric objects every service updates. Does not serve them: 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+
+@dataclass(frozen=True)
+class StatSample:
+    """One value read from a service's own counters at scrape time (see `Metrics.observe`)."""
+
+    name: str
+    help: str
+    value: float
+    labels: Mapping[str, str] = field(default_factory=dict)
+    # "counter" (only grows) or "gauge".
+    kind: str = "counter"
+
+
+class _StatsCollector(Collector):
+    """Turns a service's counters (plain dataclass fields it keeps itself) into metrics when
+    `/metrics` is read, so the service needs no Prometheus objects on its hot path."""
+
+    def __init__(self, read: Callable[[], Iterable[StatSample]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
+        for sample in self._read():
+            family = families.get(sample.name)
+            if family is None:
+                kind = CounterMetricFamily if sample.kind == "counter" else GaugeMetricFamily
+                family = families[sample.name] = kind(
+                    sample.name, sample.help, labels=sorted(sample.labels)
+                )
+            family.add_metric([sample.labels[key] for key in sorted(sample.labels)], sample.value)
+        yield from families.values()
 
 
 class Metrics:
@@ -55,6 +92,11 @@ class Metrics:
         self.upstream_errors = Counter(
             "d7y_upstream_errors", "Origin requests that failed", ["kind"], registry=r
         )
+
+    def observe(self, read: Callable[[], Iterable[StatSample]]) -> None:
+        """Export what `read()` returns at every scrape (gossip, peer and cluster counters).
+        Samples of one name must all carry the same label keys."""
+        self.registry.register(_StatsCollector(read))
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -35,9 +35,9 @@ import math
 import os
 import re
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -118,8 +118,6 @@ RATE_SLICE_BYTES = 256 * 1024
 COPY_CHUNK_BYTES = 1024 * 1024
 # A push-pull body: gossip's largest state exchange plus its authentication frame.
 PUSH_PULL_MAX_BYTES = STREAM_MAX_BYTES + ClusterKey.overhead
-# Digests the `TaskManagerPieces` adapter remembers (task, piece) -> xxh3 (8 bytes each + keys).
-DIGEST_CACHE_ENTRIES = 65536
 
 
 def task_key_for(task_id: str) -> str:
@@ -285,78 +283,50 @@ class PieceProvider(Protocol):
 
 
 class TaskManagerPieces:
-    """A `PieceProvider` over the `TaskManager`'s public API as it is today: it serves tasks
-    made known with `expose()` once they are complete (partial tasks need the `TaskManager`
-    method described in the report). A piece's xxh3 is computed from its bytes once and kept."""
+    """A `PieceProvider` over the `TaskManager`: every stored task, complete or partial, by its
+    key; a piece is served as soon as it is on disk with its xxh3 recorded (a partial task's
+    pieces too, so a downloader serves what it has while it downloads the rest)."""
 
-    def __init__(self, manager: TaskManager, *, cache_entries: int = DIGEST_CACHE_ENTRIES) -> None:
+    def __init__(self, manager: TaskManager) -> None:
         self._manager = manager
-        self._ids: dict[str, str] = {}
-        self._changes: dict[str, asyncio.Event] = {}
-        self._digests: OrderedDict[tuple[str, int], int] = OrderedDict()
-        self._cache_entries = cache_entries
-
-    def expose(self, task_id: str) -> str:
-        """Serve `task_id` (when complete); returns its task key. Wakes long polls on it."""
-        key = task_key_for(task_id)
-        self._ids[key] = task_id
-        event = self._changes.pop(key, None)
-        if event is not None:
-            event.set()
-        return key
-
-    def withdraw(self, task_id: str) -> None:
-        self._ids.pop(task_key_for(task_id), None)
 
     def state(self, task_key: str) -> TaskState | None:
-        task_id = self._ids.get(task_key)
-        info = self._manager.info(task_id) if task_id is not None else None
-        if info is None or not info.complete:
+        task_id = self._manager.task_id_for_key(task_key)
+        if task_id is None:
             return None
-        return TaskState(info.content_length, info.piece_size, Bitmap.full(info.piece_count))
+        info = self._manager.info(task_id)
+        flags = self._manager.bitmap(task_id)
+        if info is None or flags is None:
+            return None
+        bitmap = Bitmap.full(info.piece_count) if info.complete else Bitmap.from_flags(flags)
+        return TaskState(info.content_length, info.piece_size, bitmap)
 
     @asynccontextmanager
     async def piece(self, task_key: str, piece_index: int) -> AsyncIterator[HeldPiece | None]:
-        task_id = self._ids.get(task_key)
-        known = self._manager.info(task_id) if task_id is not None else None
-        if task_id is None or known is None or not known.complete:
-            # Opening a task being downloaded would join its download and wait for the piece.
+        task_id = self._manager.task_id_for_key(task_key)
+        if task_id is None:
             yield None
             return
-        async with AsyncExitStack() as stack:
-            try:
-                handle = await stack.enter_async_context(self._manager.open(task_id, None))
-            except (KeyError, TaskFailed):
-                handle = None
-            info = handle.info if handle is not None else None
-            if handle is None or info is None or not info.complete:
+        async with self._manager.open_piece(task_id, piece_index) as held:
+            if held is None:
                 yield None
                 return
-            if piece_index >= info.piece_count:
-                yield None
-                return
-            start = piece_index * info.piece_size
-            size = min(info.piece_size, info.content_length - start)
-            segments = tuple([segment async for segment in handle.segments(start, size)])
-            digest = self._digests.get((task_id, piece_index))
-            if digest is None:
-                digest = xxhash.xxh3_64_intdigest(await handle.read(start, size))
-                self._digests[(task_id, piece_index)] = digest
-                while len(self._digests) > self._cache_entries:
-                    self._digests.popitem(last=False)
-            yield HeldPiece(segments, digest)
+            segment, digest = held
+            yield HeldPiece((segment,), digest)
 
     async def wait_changed(
         self, task_key: str, fingerprint: str, wait: float
     ) -> TaskState | None:
-        current = self.state(task_key)
-        if current is not None and current.bitmap.fingerprint() != fingerprint:
-            return current
-        event = self._changes.setdefault(task_key, asyncio.Event())
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(wait):
-                await event.wait()
-        return self.state(task_key)
+        deadline = asyncio.get_running_loop().time() + wait
+        while True:
+            current = self.state(task_key)
+            task_id = self._manager.task_id_for_key(task_key)
+            if current is None or task_id is None or current.bitmap.fingerprint() != fingerprint:
+                return current
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return current
+            await self._manager.wait_pieces(task_id, current.bitmap.count(), left)
 
 
 class MemberDirectory(Protocol):
@@ -429,8 +399,12 @@ class PeerServer:
         directory: MemberDirectory | None = None,
         stream: HttpStreamTransport | None = None,
         replicate: ReplicateAnnounce | None = None,
+        local_id: str | None = None,
     ) -> None:
         self.provider = provider
+        # Our member id: a home lists itself as a parent with what it holds now (its own
+        # pieces are never announced over the network).
+        self.local_id = local_id
         self.config = config or PeerServerConfig()
         self.auth = auth
         self.tracker = tracker
@@ -604,6 +578,7 @@ class PeerServer:
     def parents_for(self, task_key: str, announce: AnnounceRequest) -> list[Parent]:
         """The tracked peers of the task that can serve `announce`'s sender, ranked."""
         assert self.tracker is not None
+        self._track_self(task_key)
         candidates: list[Parent] = []
         for peer in self.tracker.peers(task_key):
             if peer.peer_id == announce.peer_id:
@@ -623,6 +598,16 @@ class PeerServer:
         requester = self.directory.member(announce.peer_id) if self.directory else None
         labels = requester.labels if requester is not None else {}
         return rank_parents(candidates, needed, labels)
+
+    def _track_self(self, task_key: str) -> None:
+        """Put what this host holds of the task into its tracker, as of now."""
+        if self.local_id is None or self.tracker is None:
+            return
+        state = self.provider.state(task_key)
+        if state is None or not state.bitmap.count():
+            return
+        with contextlib.suppress(InvalidRequest):  # a swarm that cut the content differently
+            self.tracker.announce(task_key, self.local_id, state.bitmap)
 
     async def _push_pull(self, request: web.Request, body: bytes) -> web.StreamResponse:
         handler = self.stream.handler if self.stream is not None else None
@@ -966,6 +951,7 @@ class PeerPieceSource:
         per_parent_limit: int = DEFAULT_PER_PARENT_LIMIT,
         read_ahead: int = READ_AHEAD_PIECES,
         max_refreshes: int = MAX_PARENT_REFRESHES,
+        refresh_interval: float | None = None,
     ) -> None:
         self._client = client
         self.task_key = check_task_key(task_key)
@@ -979,9 +965,15 @@ class PeerPieceSource:
         self._per_parent_limit = per_parent_limit
         self._read_ahead = read_ahead
         self._max_refreshes = max_refreshes
+        # Ask the finder again this often while reading (None: only when stuck), so the home
+        # learns what we hold (others may fetch it from us) and we learn who got more.
+        self._refresh_interval = refresh_interval
+        self._refreshed_at: float | None = None
         self._parents: list[Parent] | None = None
         # Parents that sent a corrupt piece of this task: never asked again for it.
         self.dropped: set[str] = set()
+        # Parents that gave at least one good piece of this task.
+        self.served_by: set[str] = set()
         # Parents skipped until this loop time (busy, or just failed).
         self._resting: dict[str, float] = {}
         self.stats = PeerSourceStats()
@@ -990,6 +982,7 @@ class PeerPieceSource:
         return self._content_length
 
     async def _refresh(self) -> list[Parent]:
+        self._refreshed_at = asyncio.get_running_loop().time()
         found = await self._finder.parents()
         self._parents = [
             parent for parent in found
@@ -1024,6 +1017,14 @@ class PeerPieceSource:
                 if next_index > last:
                     break
                 now = loop.time()
+                if (
+                    self._refresh_interval is not None
+                    and self._refreshed_at is not None
+                    and now - self._refreshed_at >= self._refresh_interval
+                ):
+                    with contextlib.suppress(UpstreamUnavailable):  # keep the parents we have
+                        parents = await self._refresh()
+                    now = loop.time()
                 window = [
                     index
                     for index in range(next_index, min(last, next_index + self._read_ahead - 1) + 1)
@@ -1059,6 +1060,7 @@ class PeerPieceSource:
                         self._health.record_piece(peer, len(data), loop.time() - started)
                         self.stats.bytes_from_peers += len(data)
                         self.stats.pieces_from_peers += 1
+                        self.served_by.add(peer)
                         ready[index] = data
                         continue
                     unassigned.add(index)

@@ -23,6 +23,11 @@ How one download runs (`_LiveTask`):
 - A `_LiveTask` exists while handles are open or a download runs; it holds one pin on the stored
   task (GC keeps it, its fd stays open for `Segment`s). A failed or stopped one is retired: new
   opens start a fresh one once it has torn down.
+
+For peers (`peer.py`), the manager also hands out single held pieces without joining a download
+(`open_piece`, `bitmap`, `wait_pieces`, `task_id_for_key`), and takes a `source_policy` that
+wraps every source an opener hands in (the cluster decides origin or peers, `p2p.py`), so this
+module holds no cluster logic.
 """
 
 from __future__ import annotations
@@ -33,8 +38,8 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol
@@ -412,6 +417,7 @@ class _LiveTask:
             finally:
                 self.in_flight.pop(index, None)
             self.store.record_piece(stored, index, progress.digest.intdigest())
+            self.manager._notify_progress(self.task_id)
             event = self.piece_events.pop(index, None)
             if event is not None:
                 event.set()
@@ -593,6 +599,7 @@ class _LiveTask:
         self.store.mark_complete(stored)
         stored.prefix = None
         log.info("task %s complete (%d bytes)", self.task_id, stored.content_length)
+        self.manager._notify_progress(self.task_id)
         self._wake_all()
         self.finished.set()
 
@@ -642,6 +649,7 @@ class _LiveTask:
             self.metrics.task_failures.labels(reason=reason).inc()
         self.failure = error
         self.discard_on_stop = discard
+        self.manager._notify_progress(self.task_id)
         self.manager._retire(self)
         self._wake_all()
         self.finished.set()
@@ -803,13 +811,39 @@ class _OpenContext:
             await self._manager._release(live)
 
 
+# Wraps the source an opener hands in (task id, source) -> the source the download uses.
+SourcePolicy = Callable[[str, PieceSource], PieceSource]
+
+
+class _ProgressWaiters:
+    """Long polls on one task's progress: one event, set (and replaced) on each change."""
+
+    __slots__ = ("count", "event")
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.count = 0
+
+
 class TaskManager:
     """Finds or starts the one download of each task and hands out readers."""
 
-    def __init__(self, store: PieceStore, config: TaskConfig, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        store: PieceStore,
+        config: TaskConfig,
+        metrics: Metrics,
+        *,
+        source_policy: SourcePolicy | None = None,
+    ) -> None:
         self.store = store
         self.config = config
         self.metrics = metrics
+        # Wraps every source handed to `open` (the cluster decides origin or peers); None: the
+        # source is used as it is.
+        self.source_policy = source_policy
+        # Long polls waiting for a task's pieces to change (`wait_pieces`), by task id.
+        self._progress: dict[str, _ProgressWaiters] = {}
         # Live tasks new opens join.
         self._active: dict[str, _LiveTask] = {}
         # Live tasks that failed or stopped and may still be tearing down (new ones wait).
@@ -884,6 +918,8 @@ class TaskManager:
                 raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
         if content_length is not None and content_length < 0:
             raise ValueError("content_length must not be negative")
+        if source is not None and self.source_policy is not None:
+            source = self.source_policy(task_id, source)
         arguments: dict[str, Any] = {
             "source": source,
             "content_length": content_length,
@@ -914,6 +950,82 @@ class TaskManager:
         if stored is not None:
             await self.store.discard(stored)
         await self.store.put(task_id, data, sha256=expected, attributes=attributes)
+        self._notify_progress(task_id)
+
+    # -- serving pieces to peers ----------------------------------------------------------------
+
+    def task_id_for_key(self, task_key: str) -> str | None:
+        """The id of the stored task whose key (`piece_store.file_name_for`, the sha256 of its
+        id) is `task_key`; None if no such task is stored."""
+        stored = self.store.get_by_name(task_key)
+        return stored.task_id if stored is not None else None
+
+    def bitmap(self, task_id: str) -> bytes | None:
+        """One byte per piece, 1 where the piece is on disk and verified now (all of them for a
+        complete task); None if the task is not stored. Pieces of a task reloaded after a
+        restart count only once they have been verified (when the task is next opened)."""
+        stored = self.store.get(task_id)
+        if stored is None or stored.removed:
+            return None
+        if stored.complete:
+            return b"\x01" * stored.piece_count
+        if stored.needs_verify:
+            return bytes(stored.piece_count)
+        return bytes(stored.done)
+
+    @asynccontextmanager
+    async def open_piece(
+        self, task_id: str, piece_index: int
+    ) -> AsyncIterator[tuple[Segment, int] | None]:
+        """Hold piece `piece_index` of `task_id` for a peer: (its segment, its xxh3_64) if it is
+        on disk and verified now, else None. The task is pinned while the context is open, so
+        the segment's fd stays valid. Never starts a download and never waits for one."""
+        stored = self.store.get(task_id)
+        if (
+            stored is None
+            or stored.removed
+            or not 0 <= piece_index < stored.piece_count
+            or not (stored.complete or (not stored.needs_verify and stored.done[piece_index]))
+        ):
+            yield None
+            return
+        try:
+            self.store.pin(stored)
+        except OSError as err:
+            log.warning("task %s: cannot open its data to serve a piece: %s", task_id, err)
+            yield None
+            return
+        try:
+            start, size = stored.piece_range(piece_index)
+            assert stored.fd is not None
+            yield Segment(stored.fd, start, size), stored.digests[piece_index]
+        finally:
+            await self.store.release(stored)
+
+    async def wait_pieces(self, task_id: str, pieces_done: int, wait: float) -> TaskInfo | None:
+        """The task's info once its count of held pieces differs from `pieces_done` (or it
+        completed, failed or was discarded), or after `wait` seconds; None if not stored."""
+        info = self.info(task_id)
+        if info is None or info.pieces_done != pieces_done or wait <= 0:
+            return info
+        waiters = self._progress.get(task_id)
+        if waiters is None:
+            waiters = self._progress[task_id] = _ProgressWaiters()
+        waiters.count += 1
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await waiters.event.wait()
+        finally:
+            waiters.count -= 1
+            if not waiters.count and self._progress.get(task_id) is waiters:
+                del self._progress[task_id]
+        return self.info(task_id)
+
+    def _notify_progress(self, task_id: str) -> None:
+        waiters = self._progress.pop(task_id, None)
+        if waiters is not None:
+            waiters.event.set()
 
     # -- live task bookkeeping (used by _OpenContext and _LiveTask) -----------------------------
 

@@ -218,7 +218,7 @@ async def test_pieces_of_a_complete_task_are_served_and_verified(
         async with node.manager.open(task_id, MemorySource(data), sha256=sha) as handle:
             assert await handle.read(0, len(data)) == data
         provider = TaskManagerPieces(node.manager)
-        task_key = provider.expose(task_id)
+        task_key = task_key_for(task_id)
         assert task_key == hashlib.sha256(task_id.encode()).hexdigest()
         server = PeerServer(provider)
         async with serving(server) as address:
@@ -230,7 +230,7 @@ async def test_pieces_of_a_complete_task_are_served_and_verified(
                 await client.fetch_piece(address, task_key, index) for index in range(4)
             ]
             assert b"".join(got) == data
-            # Served again: the digest comes from the adapter's cache, the bytes from disk.
+            # Served again: the digest comes from the piece store, the bytes from disk.
             assert await client.fetch_piece(address, task_key, 3) == data[3 * MIB :]
             # (The server counts once its handler ends, which may be after the client is done.)
             await eventually(lambda: server.stats.pieces_served == 5, 2.0)
@@ -242,11 +242,11 @@ async def test_pieces_of_a_complete_task_are_served_and_verified(
                 await client.fetch_piece(address, "0" * 64, 0)
 
 
-async def test_adapter_does_not_serve_a_task_still_downloading(
+async def test_adapter_serves_the_held_pieces_of_a_task_still_downloading(
     tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
-    """Opening a running download would make the request wait for (and fetch) the piece; the
-    adapter answers 404 at once instead."""
+    """A downloader serves what it has at once (404 for the rest, without waiting), and a
+    long poll on its state wakes when a piece arrives."""
     data = payload(3 * MIB)
     sha = hashlib.sha256(data).hexdigest()
     release = asyncio.Event()
@@ -260,18 +260,25 @@ async def test_adapter_does_not_serve_a_task_still_downloading(
 
     async with Node(tmp_path) as node:
         provider = TaskManagerPieces(node.manager)
-        key = provider.expose("slow")
+        key = task_key_for("slow")
         async with node.manager.open("slow", StallingSource(data), sha256=sha) as handle:
             assert await handle.read(0, 100) == data[:100]
             async with serving(PeerServer(provider)) as address:
                 client = PeerClient(session)
-                assert await client.task_state(address, key) is None
+                state = await client.task_state(address, key)
+                assert state is not None and state.bitmap.indices() == [0]
                 async with asyncio.timeout(2):
-                    with pytest.raises(PeerFailed, match="404"):
-                        await client.fetch_piece(address, key, 0)
+                    assert await client.fetch_piece(address, key, 0) == data[:MIB]
                     with pytest.raises(PeerFailed, match="404"):
                         await client.fetch_piece(address, key, 2)
-            release.set()
+                waiting = asyncio.create_task(client.task_state(
+                    address, key, wait=10, known=state.bitmap.fingerprint()
+                ))
+                await asyncio.sleep(0.1)
+                assert not waiting.done()
+                release.set()
+                changed = await asyncio.wait_for(waiting, 5)
+                assert changed is not None and changed.bitmap.count() > 1
             assert await handle.read(0, len(data)) == data
 
 
@@ -509,22 +516,21 @@ async def test_long_polls_are_bounded(
         await eventually(lambda: server.waiting_polls == 0, 2.0)
 
 
-async def test_task_manager_adapter_long_poll_wakes_when_a_task_is_exposed(
+async def test_task_manager_adapter_serves_content_stored_with_put(
     tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
     data = payload(MIB + 1)
     sha = hashlib.sha256(data).hexdigest()
     async with Node(tmp_path) as node:
-        await node.manager.put("manifest", data, sha256=sha, attributes={})
         provider = TaskManagerPieces(node.manager)
         key = task_key_for("manifest")
         assert provider.state(key) is None
-        changed = asyncio.create_task(provider.wait_changed(key, "0" * 16, 5.0))
-        await asyncio.sleep(0.05)
-        assert not changed.done()
-        provider.expose("manifest")
-        state = await asyncio.wait_for(changed, 1.0)
+        await node.manager.put("manifest", data, sha256=sha, attributes={})
+        state = provider.state(key)
         assert state is not None and state.complete and state.content_length == len(data)
+        # Nothing changes: the long poll ends after its wait with the same state.
+        same = await provider.wait_changed(key, state.bitmap.fingerprint(), 0.05)
+        assert same == state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -848,3 +854,43 @@ async def test_http_stream_exchange_calls_back_exactly_once(
     await stalled.close()
     await asyncio.sleep(0.05)
     assert len(replies) == 4 and replies[3] is None
+
+
+async def test_peer_source_asks_its_finder_again_while_reading_and_survives_its_failure(
+    pieces: MemoryPieces, session: aiohttp.ClientSession
+) -> None:
+    """With a refresh interval, a long read announces again now and then (the home learns what
+    it holds); a home that stops answering meanwhile does not break the read."""
+    pieces.add(*range(pieces.piece_count))
+    pieces.gate = asyncio.Event()
+
+    class FailingLater(StaticFinder):
+        async def parents(self) -> Sequence[Parent]:
+            found = await super().parents()
+            if self.calls > 1:
+                raise UpstreamUnavailable("home is gone")
+            return found
+
+    async with serving(PeerServer(pieces)) as address:
+        finder = FailingLater([as_parent("p", address, pieces.bitmap())])
+        source = PeerPieceSource(
+            PeerClient(session), pieces.task_key, content_length=len(pieces.data),
+            finder=finder, health=PeerHealth(time.monotonic), local_id="me",
+            refresh_interval=0.05, read_ahead=1,
+        )
+
+        async def open_gate_slowly() -> None:
+            # One piece every 30 ms (read_ahead=1: one in flight), so the read lasts several
+            # refresh intervals.
+            for _ in range(pieces.piece_count):
+                await asyncio.sleep(0.03)
+                gate, pieces.gate = pieces.gate, asyncio.Event()
+                assert gate is not None
+                gate.set()
+            pieces.gate = None
+
+        opener = asyncio.create_task(open_gate_slowly())
+        got = b"".join([chunk async for chunk in source.read(0, len(pieces.data))])
+        await opener
+        assert got == pieces.data
+        assert finder.calls >= 2

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -744,3 +745,90 @@ async def test_close_while_downloading(tmp_path: Path) -> None:
         assert info is not None and info.pieces_done >= 2
         assert await fetch(node2.manager, "blob", again, data) == data
         assert again.bytes_sent <= len(data) - 2 * MIB
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving pieces to peers: open_piece, bitmap, wait_pieces, task keys, source_policy
+
+
+async def test_open_piece_serves_held_pieces_of_a_partial_task_and_never_waits(
+    tmp_path: Path,
+) -> None:
+    data = payload(4 * MIB)
+    gate = asyncio.Event()
+
+    async def hold_back(offset: int, position: int, attempt: int) -> None:
+        if offset >= 2 * MIB:
+            await gate.wait()
+
+    source = MemorySource(data, hook=hold_back)
+    async with Node(tmp_path) as node, node.manager.open(
+        "blob", source, sha256=sha(data)
+    ) as handle:
+        key = hashlib.sha256(b"blob").hexdigest()
+        assert node.manager.task_id_for_key(key) == "blob"
+        assert node.manager.task_id_for_key("0" * 64) is None
+        await handle.read(0, 2 * MIB)
+        assert node.manager.bitmap("blob") == b"\x01\x01\x00\x00"
+        async with node.manager.open_piece("blob", 1) as held:
+            assert held is not None
+            segment, digest = held
+            assert (segment.offset, segment.count) == (MIB, MIB)
+            assert os.pread(segment.fd, MIB, MIB) == data[MIB : 2 * MIB]
+            assert digest == xxhash.xxh3_64_intdigest(data[MIB : 2 * MIB])
+        async with asyncio.timeout(1):
+            async with node.manager.open_piece("blob", 3) as missing:
+                assert missing is None
+            async with node.manager.open_piece("blob", 4) as outside:
+                assert outside is None
+            async with node.manager.open_piece("other", 0) as unknown:
+                assert unknown is None
+        # A long poll returns when the count of held pieces changes.
+        waiting = asyncio.create_task(node.manager.wait_pieces("blob", 2, 5.0))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        gate.set()
+        info = await asyncio.wait_for(waiting, 2.0)
+        assert info is not None and info.pieces_done > 2
+        assert await handle.read(0, len(data)) == data
+        await wait_for(lambda: node.manager.bitmap("blob") == b"\x01" * 4)
+        # Nothing changes any more: the poll ends after its wait.
+        info = await node.manager.wait_pieces("blob", 4, 0.05)
+        assert info is not None and info.complete
+    assert source.bytes_sent == len(data)
+
+
+async def test_reloaded_partial_pieces_are_not_offered_until_verified(tmp_path: Path) -> None:
+    data = payload(3 * MIB)
+    async with Node(tmp_path) as node, node.manager.open(
+        "blob", MemorySource(data), sha256=sha(data), whole=False
+    ) as handle:
+        assert await handle.read(0, 10) == data[:10]
+    async with Node(tmp_path) as node:
+        assert node.manager.bitmap("blob") == b"\x00\x00\x00"
+        async with node.manager.open_piece("blob", 0) as held:
+            assert held is None
+        async with node.manager.open("blob", MemorySource(data), sha256=sha(data),
+                                     whole=False) as handle:
+            assert node.manager.bitmap("blob") == b"\x01\x00\x00"
+
+
+async def test_source_policy_wraps_every_opened_source(tmp_path: Path) -> None:
+    data = payload(2 * MIB)
+    wrapped: list[str] = []
+
+    def policy(task_id: str, source: PieceSource) -> PieceSource:
+        wrapped.append(task_id)
+        return source
+
+    metrics = Metrics()
+    store = PieceStore(StoreConfig(data_dir=tmp_path, gc_quota=1 << 40), metrics)
+    manager = TaskManager(store, TaskConfig(), metrics, source_policy=policy)
+    await store.open()
+    try:
+        assert await fetch(manager, "blob", MemorySource(data), data) == data
+        assert await fetch(manager, "blob", None, data) == data
+    finally:
+        await manager.close()
+        await store.close()
+    assert wrapped == ["blob"]

@@ -1,0 +1,316 @@
+"""Tests of `d7y_node.p2p` with real nodes in one process: each `Node` has its own piece store,
+peer port and gossip socket on 127.0.0.1; they join each other over real UDP and HTTP. The
+origin is `CountingSource`, a real `PieceSource` over bytes in memory that counts what it sends
+(the registry's access log, in the integration test)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import random
+import socket
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from d7y_node.config import ClusterConfig, Listen, NodeConfig, ProxyConfig, StoreConfig
+from d7y_node.errors import PeerFailed
+from d7y_node.gossip.members import Member
+from d7y_node.gossip.messages import Address, Load, MemberState
+from d7y_node.metrics import Metrics
+from d7y_node.node import Node
+from d7y_node.p2p import ClusterScheduler
+from d7y_node.peer import PeerClient, PeerServer, TaskManagerPieces, task_key_for
+from d7y_node.piece_store import MIB, PieceStore
+from d7y_node.scheduler import Tracker, task_homes
+from d7y_node.tasks import TaskManager
+
+
+class CountingSource:
+    """The origin: bytes in memory, counting every byte it sends (over all its copies)."""
+
+    def __init__(self, data: bytes, sent: list[int], *, delay: float = 0.0) -> None:
+        self.data = data
+        self.sent = sent
+        self.delay = delay
+
+    async def content_length(self) -> int:
+        return len(self.data)
+
+    async def read(self, offset: int, length: int) -> AsyncIterator[bytes]:
+        step = 256 * 1024
+        for position in range(offset, offset + length, step):
+            chunk = self.data[position : min(offset + length, position + step)]
+            self.sent[0] += len(chunk)
+            await asyncio.sleep(self.delay)
+            yield chunk
+
+
+def config_for(directory: Path, *, join: tuple[str, ...] = (), node_id: str,
+               home_timeout: float = 5.0, secret_file: Path | None = None) -> NodeConfig:
+    return NodeConfig(
+        store=StoreConfig(data_dir=directory, gc_quota=1 << 40),
+        proxy=ProxyConfig(listen=Listen("127.0.0.1", 0)),
+        peer_listen=Listen("127.0.0.1", 0),
+        cluster=ClusterConfig(
+            gossip_listen=Listen("127.0.0.1", 0), join=join, node_id=node_id,
+            home_timeout=home_timeout, secret_file=secret_file,
+        ),
+    )
+
+
+async def eventually(condition: Callable[[], bool], seconds: float) -> None:
+    async with asyncio.timeout(seconds):
+        while not condition():  # noqa: ASYNC110 (membership has no event for "all converged")
+            await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def cluster(tmp_path: Path, count: int, **options: float) -> AsyncIterator[list[Node]]:
+    nodes: list[Node] = []
+    try:
+        for index in range(count):
+            join = (str(nodes[0].gossip_address),) if nodes else ()
+            node = Node(config_for(tmp_path / f"n{index}", join=join, node_id=f"n{index}",
+                                   **options))
+            await node.start()
+            nodes.append(node)
+        await converged(nodes)
+        yield nodes
+    finally:
+        for node in reversed(nodes):
+            await node.stop()
+
+
+async def converged(nodes: list[Node]) -> None:
+    await eventually(
+        lambda: all(
+            node.membership is not None
+            and len(node.membership.member_ids(MemberState.ALIVE)) == len(nodes)
+            for node in nodes
+        ),
+        10.0,
+    )
+
+
+async def fetch(node: Node, task_id: str, source: CountingSource) -> bytes:
+    sha = task_id.removeprefix("sha256:")
+    async with node.tasks.open(task_id, source, sha256=sha) as handle:
+        return await handle.read(0, handle.info.content_length)
+
+
+def blob(size: int, seed: int = 7) -> tuple[bytes, str]:
+    data = random.Random(seed).randbytes(size)
+    return data, "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+async def test_concurrent_downloads_leave_the_origin_once(tmp_path: Path) -> None:
+    data, task_id = blob(12 * MIB + 5)
+    sent = [0]
+    async with cluster(tmp_path, 4) as nodes:
+        # A slow origin, so the others really download while the home does.
+        results = await asyncio.gather(*(
+            fetch(node, task_id, CountingSource(data, sent, delay=0.002)) for node in nodes
+        ))
+        assert all(result == data for result in results)
+        assert sent[0] == len(data)
+        home = task_homes(task_key_for(task_id), [n.member_id or "" for n in nodes])[0]
+        for node in nodes:
+            assert node.scheduler is not None
+            record = node.scheduler.traffic[task_id]
+            if node.member_id == home:
+                assert (record.origin_bytes, node.scheduler.stats.home_tasks) == (len(data), 1)
+            else:
+                assert (record.origin_bytes, record.peer_bytes) == (0, len(data))
+                assert record.parents
+            assert node.scheduler.stats.fallbacks == 0
+            info = node.tasks.info(task_id)
+            assert info is not None and info.complete
+        # A late joiner gets everything from peers.
+        late = Node(config_for(tmp_path / "late", join=(str(nodes[0].gossip_address),),
+                               node_id="late"))
+        await late.start()
+        try:
+            await converged([*nodes, late])
+            if task_homes(task_key_for(task_id), [*(n.member_id or "" for n in nodes),
+                                                  "late"])[0] != "late":
+                assert await fetch(late, task_id, CountingSource(data, sent)) == data
+                assert sent[0] == len(data)
+                assert late.scheduler is not None
+                assert late.scheduler.traffic[task_id].peer_bytes == len(data)
+            status = late.status()
+            assert {m["id"] for m in status["members"]} == {"n0", "n1", "n2", "n3", "late"}
+        finally:
+            await late.stop()
+
+
+async def test_home_that_stops_is_replaced_and_every_host_completes(tmp_path: Path) -> None:
+    data, task_id = blob(16 * MIB, seed=3)
+    sent = [0]
+    async with cluster(tmp_path, 4) as nodes:
+        key = task_key_for(task_id)
+        home = task_homes(key, [n.member_id or "" for n in nodes])[0]
+        (home_node,) = [n for n in nodes if n.member_id == home]
+        others = [n for n in nodes if n is not home_node]
+        fetches = [
+            asyncio.create_task(fetch(node, task_id, CountingSource(data, sent, delay=0.01)))
+            for node in nodes
+        ]
+        await eventually(lambda: sent[0] >= 4 * MIB, 10.0)
+        await home_node.stop()
+        fetches[nodes.index(home_node)].cancel()
+        results = await asyncio.gather(*(fetches[nodes.index(n)] for n in others))
+        assert all(result == data for result in results)
+        # The new home fetched what the old one had not passed on; at most twice the blob.
+        assert len(data) <= sent[0] <= 2 * len(data)
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class StaticMembers:
+    """A `MemberView` of fixed members (a home that never answers)."""
+
+    def __init__(self, member_id: str, members: list[Member]) -> None:
+        self.member_id = member_id
+        self._members = {member.member_id: member for member in members}
+
+    def member_ids(self, *states: MemberState) -> set[str]:
+        return set(self._members)
+
+    def member(self, member_id: str) -> Member | None:
+        return self._members.get(member_id)
+
+
+async def test_no_answer_from_any_home_falls_back_to_origin_and_is_counted(
+    tmp_path: Path,
+) -> None:
+    data, task_id = blob(3 * MIB)
+    key = task_key_for(task_id)
+    # A ghost that ranks first for this task, at a port where nothing listens.
+    ghost = next(f"ghost{i}" for i in range(1000) if task_homes(key, [f"ghost{i}", "me"])[0]
+                 == f"ghost{i}")
+    dead_port = closed_port()
+    members = [
+        Member(member_id, Address("127.0.0.1", 1), port, {}, Load(), MemberState.ALIVE, 1)
+        for member_id, port in ((ghost, dead_port), ("me", dead_port))
+    ]
+    sent = [0]
+    config = config_for(tmp_path, node_id="me")
+    metrics = Metrics()
+    store = PieceStore(config.store, metrics)
+    scheduler_box: list[ClusterScheduler] = []
+    manager = TaskManager(store, config.tasks, metrics,
+                          source_policy=lambda t, s: scheduler_box[0].source_policy(t, s))
+    await store.open()
+    async with aiohttp.ClientSession() as session:
+        server = PeerServer(TaskManagerPieces(manager), tracker=Tracker(lambda: 0.0),
+                            local_id="me")
+        scheduler = ClusterScheduler(
+            client=PeerClient(session), server=server, bitmap=manager.bitmap, homes=2,
+            home_timeout=0.5,
+        )
+        scheduler.membership = StaticMembers("me", members)
+        scheduler_box.append(scheduler)
+        try:
+            assert not scheduler.is_origin_fetcher(key)
+            started = asyncio.get_running_loop().time()
+            assert await fetch_manager(manager, task_id, CountingSource(data, sent)) == data
+            assert asyncio.get_running_loop().time() - started >= 0.5
+            assert sent[0] == len(data)
+            assert scheduler.stats.fallbacks == 1 and scheduler.traffic[task_id].fell_back
+            assert scheduler.stats.announces_failed >= 1
+        finally:
+            await manager.close()
+            await scheduler.close()
+            await store.close()
+
+
+async def fetch_manager(manager: TaskManager, task_id: str, source: CountingSource) -> bytes:
+    async with manager.open(task_id, source, sha256=task_id.removeprefix("sha256:")) as handle:
+        return await handle.read(0, handle.info.content_length)
+
+
+async def test_a_lone_node_is_every_task_s_home(tmp_path: Path) -> None:
+    data, task_id = blob(2 * MIB + 1)
+    sent = [0]
+    async with cluster(tmp_path, 1) as nodes:
+        assert await fetch(nodes[0], task_id, CountingSource(data, sent)) == data
+        assert sent[0] == len(data)
+        assert nodes[0].scheduler is not None
+        assert nodes[0].scheduler.stats.home_tasks == 1
+
+
+async def test_a_node_with_another_cluster_key_is_never_admitted(tmp_path: Path) -> None:
+    key, other = tmp_path / "key", tmp_path / "other"
+    key.write_text("the cluster's secret\n")
+    other.write_text("another secret\n")
+    first = Node(config_for(tmp_path / "a", node_id="a", secret_file=key))
+    await first.start()
+    nodes = [first]
+    try:
+        seed = (str(first.gossip_address),)
+        for node_id, secret in (("b", key), ("intruder", other)):
+            node = Node(config_for(tmp_path / node_id, join=seed, node_id=node_id,
+                                   secret_file=secret))
+            await node.start()
+            nodes.append(node)
+        await converged(nodes[:2])
+        await asyncio.sleep(1.0)
+        for node in nodes[:2]:
+            assert node.membership is not None
+            assert node.membership.member_ids() == {"a", "b"}
+        # The seed got the intruder's join packets and dropped every one.
+        assert first.membership is not None
+        assert first.membership.stats.dropped_unauthenticated > 0
+        intruder = nodes[2].membership
+        assert intruder is not None and intruder.member_ids() == {"intruder"}
+        # Peer HTTP is keyed too: the intruder's client is refused by a member's peer port.
+        assert nodes[2].peer_client is not None and nodes[0].peer_address is not None
+        address = Address(nodes[0].peer_address.host, nodes[0].peer_address.port)
+        with pytest.raises(PeerFailed, match="401"):
+            await nodes[2].peer_client.task_state(address, "0" * 64)
+        assert nodes[0].peer_server.stats.unauthenticated["invalid"] == 1
+    finally:
+        for node in reversed(nodes):
+            await node.stop()
+
+
+async def test_peers_serving_corrupt_pieces_are_dropped_and_the_download_still_verifies(
+    tmp_path: Path,
+) -> None:
+    """Two peers whose disks went bad (bytes no longer match the digests they recorded): a third
+    host detects every bad piece, drops both for the task, and completes with correct bytes."""
+    data, task_id = blob(6 * MIB, seed=11)
+    sent = [0]
+    async with cluster(tmp_path, 3, home_timeout=0.5) as nodes:
+        key = task_key_for(task_id)
+        ranked = task_homes(key, [n.member_id or "" for n in nodes], 3)
+        by_id = {node.member_id: node for node in nodes}
+        holders, downloader = [by_id[ranked[0]], by_id[ranked[1]]], by_id[ranked[2]]
+        for node in holders:
+            assert await fetch(node, task_id, CountingSource(data, sent)) == data
+        # The second holder told the home it is complete (so it is offered as a parent).
+        await eventually(lambda: any(
+            peer.peer_id == ranked[1] and peer.bitmap.complete()
+            for peer in holders[0].tracker.peers(key)
+        ), 5.0)
+        for node in holders:
+            path = node.config.store.tasks_dir / f"{key}.data"
+            path.write_bytes(bytes(len(data)))  # zeros where the blob was
+        before = sent[0]
+        assert await fetch(downloader, task_id, CountingSource(data, sent)) == data
+        scheduler = downloader.scheduler
+        assert scheduler is not None and downloader.peer_client is not None
+        assert scheduler.stats.peers_dropped == 2
+        assert scheduler.traffic[task_id].dropped == {ranked[0], ranked[1]}
+        assert downloader.peer_client.stats.piece_digest_failures >= 2
+        # With no good peer left it went to origin (counted), and the blob still verified.
+        assert scheduler.stats.fallbacks == 1
+        assert sent[0] - before == len(data) - scheduler.traffic[task_id].peer_bytes
