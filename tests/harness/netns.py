@@ -688,6 +688,7 @@ class NamespacedNode(Node):
         arguments = list(self.process.argv)
         arguments[arguments.index("--proxy-listen") + 1] = f"0.0.0.0:{self.proxy_port}"
         arguments[arguments.index("--peer-listen") + 1] = f"{lab_host.address}:{self.peer_port}"
+        arguments[arguments.index("--gossip-listen") + 1] = f"{lab_host.address}:{GOSSIP_PORT}"
         self.process = lab.process(lab_host, arguments, log_path=work_dir / "node.log")
 
     @property

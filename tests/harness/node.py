@@ -8,6 +8,7 @@ node's behaviour.
 from __future__ import annotations
 
 import re
+import socket
 import sys
 import urllib.request
 from collections.abc import Sequence
@@ -53,11 +54,14 @@ class Node:
         self.data_dir = work_dir / "data"
         self.proxy_port = free_port()
         self.peer_port = free_port()
+        # Its own gossip port, so nodes of tests running side by side never share 7946.
+        self.gossip_port = free_port(kind=socket.SOCK_DGRAM)
         arguments = [
             *node_command(), "start",
             "--data-dir", str(self.data_dir),
             "--proxy-listen", f"127.0.0.1:{self.proxy_port}",
             "--peer-listen", f"127.0.0.1:{self.peer_port}",
+            "--gossip-listen", f"127.0.0.1:{self.gossip_port}",
             "--log-level", "debug",
         ]
         if registry_mirror is not None:

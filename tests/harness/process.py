@@ -36,9 +36,9 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+def free_port(host: str = "127.0.0.1", kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
+    """A port (TCP, or UDP with `kind=SOCK_DGRAM`) nothing uses right now (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, kind) as probe:
         probe.bind((host, 0))
         port: int = probe.getsockname()[1]
         return port
