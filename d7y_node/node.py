@@ -45,7 +45,7 @@ from d7y_node.gossip import (
 )
 from d7y_node.gossip.messages import Address, Load, MemberState
 from d7y_node.metrics import Metrics, StatSample
-from d7y_node.p2p import ClusterScheduler
+from d7y_node.p2p import ClusterScheduler, RegistryOrigins
 from d7y_node.peer import (
     HttpStreamTransport,
     PeerAuth,
@@ -309,8 +309,11 @@ class Node:
             bitmap=self.tasks.bitmap, homes=self.config.cluster.homes,
             home_timeout=self.config.cluster.home_timeout,
             labels=dict(self.config.cluster.labels), wait_pieces=self.tasks.wait_pieces,
+            open_task=self.tasks.open, origins=RegistryOrigins(self.registry),
         )
         self.peer_server.replicate = self.scheduler.replicate
+        # Home 0 fetches a task from origin for the swarm on an announce (`p2p` docstring).
+        self.peer_server.seed = self.scheduler.seed
 
     async def _start_gossip(self) -> None:
         cluster = self.config.cluster
@@ -451,6 +454,12 @@ class Node:
                 "Tasks fetched from origin because no home answered in time", stats.fallbacks)
             add("d7y_p2p_peers_dropped", "Parents dropped for a corrupt piece",
                 stats.peers_dropped)
+            for outcome, value in (("started", stats.seeds_started),
+                                   ("completed", stats.seeds_completed),
+                                   ("failed", stats.seeds_failed),
+                                   ("refused", stats.seeds_refused)):
+                add("d7y_p2p_seeds", "Origin downloads run as home 0 for a swarm", value,
+                    outcome=outcome)
         return samples
 
     def status(self) -> dict[str, Any]:

@@ -10,7 +10,17 @@ a task with is wrapped in a `ClusterSource`, which decides per read:
   several parents at once, each piece verified by its xxh3, a parent that sends a corrupt piece
   dropped for the task);
 - no home answered and the swarm made no progress for `home_timeout` → fall back to the origin
-  for the rest of this task (counted in `fallbacks`).
+  for the rest of this task (counted in `fallbacks`); likewise at once when home 0 answers that
+  it could not fetch the task from origin (`AnnounceReply.origin_error`).
+
+Home 0 fetches for the swarm: every announce carries the task's `OriginRequest` (its URL and the
+client's `Authorization`, taken from the origin source: `origin_request_of`), and home 0, on an
+announce for a task it neither holds nor fetches, starts its own whole download from origin
+(`ClusterScheduler.seed`, building the source with `RegistryOrigins`), so the downloaders get it
+as a parent within about a piece's time, and the blob leaves the origin once even when no client
+asked home 0 itself. The credentials travel over the peer channel, which only a cluster key
+authenticates: set `--secret-file` whenever registries need credentials. They are never logged
+(`OriginRequest`'s repr leaves them out) and never copied on to home 1.
 
 Home 0 passes every announce it gets on to the other homes (`replicate`), so when it dies home 1
 already knows the swarm; once membership declares home 0 dead, home 1 ranks first and becomes
@@ -26,25 +36,32 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-from d7y_node.errors import InvalidRequest, PeerFailed, UpstreamUnavailable
+from d7y_node.errors import D7yError, InvalidRequest, PeerFailed, UpstreamUnavailable
 from d7y_node.gossip.members import Member
 from d7y_node.gossip.messages import Address, MemberState
 from d7y_node.peer import PeerClient, PeerPieceSource, PeerServer, task_key_for
+from d7y_node.proxy import REPOSITORY_ATTRIBUTE, UPSTREAM_ATTRIBUTE
+from d7y_node.registry import OriginBlob, RegistryClient, parse_upstream_url
 from d7y_node.scheduler import (
+    ORIGIN_ERROR_MAX_BYTES,
     AnnounceReply,
     AnnounceRequest,
     Bitmap,
+    OriginRequest,
     Parent,
     PeerHealth,
+    check_origin_request,
     piece_count_for,
     task_homes,
 )
-from d7y_node.tasks import PieceSource, TaskInfo
+from d7y_node.tasks import PieceSource, TaskHandle, TaskInfo
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +85,127 @@ PEER_RETRY_DELAY = 0.25
 MAX_REPLICATIONS_IN_FLIGHT = 256
 # Tasks whose traffic is remembered for `status` (least recently opened forgotten first).
 MAX_TRAFFIC_RECORDS = 256
+# Origin downloads a home runs for swarms at once: each is a whole blob from origin; beyond this
+# many, announces wait (their downloaders fall back after `home_timeout` if nothing moves), so
+# a flood of announces cannot make one host fetch the whole registry at once.
+MAX_SEEDS = 64
+# A home that could not fetch a task answers so for this long (downloaders go to origin
+# themselves at once); after it, the next announce makes it try again.
+SEED_FAILURE_MEMORY = 30.0
+# Failures remembered at most (the oldest forgotten first).
+MAX_SEED_FAILURES = 1024
+# A registry blob URL as `RegistryClient.blob_url` builds it: scheme, host[:port], repository,
+# sha256 digest; nothing else (no user info, query or fragment).
+_REGISTRY_BLOB_URL = re.compile(
+    r"(?P<scheme>https?)://(?P<host>[^/?#@]+)/v2/(?P<repository>[^?#]+)/blobs/"
+    r"(?P<digest>sha256:[0-9a-f]{64})"
+)
+# The distribution spec's repository name grammar.
+_REPOSITORY = re.compile(
+    r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*"
+)
+# The distribution spec bounds a repository name to 255 characters.
+MAX_REPOSITORY_LENGTH = 255
+
+
+@runtime_checkable
+class DescribedOrigin(Protocol):
+    """A `PieceSource` that can say how another host would fetch it (a URL source of
+    `d7y-node get` may implement it; registry blobs are described by `origin_request_of`)."""
+
+    def origin_request(self, task_id: str) -> OriginRequest | None: ...
+
+
+def origin_request_of(task_id: str, source: PieceSource) -> OriginRequest | None:
+    """How the task's home could fetch `source` itself: its URL and the client's credentials;
+    None for a source no other host can fetch (bytes in memory, a test double)."""
+    request: OriginRequest | None
+    if isinstance(source, OriginBlob):
+        # `_headers` is the registry source's own request headers: the client's Authorization.
+        headers = tuple(sorted(source._headers().items()))
+        request = OriginRequest(task_id, str(source.url), headers)
+    elif isinstance(source, DescribedOrigin):
+        request = source.origin_request(task_id)
+    else:
+        return None
+    if request is None:
+        return None
+    try:
+        return check_origin_request(request)
+    except InvalidRequest as error:
+        log.debug("task %s: its origin cannot be described to its home: %s", task_id,
+                  error.message)
+        return None
+
+
+@dataclass(frozen=True)
+class OriginPlan:
+    """What a home opens to fetch a task for the swarm: the source, the digest the content
+    must hash to (hex sha256, if known) and the task's attributes (as its proxy would set
+    them, so a later client request of the home itself finds the task its own)."""
+
+    source: PieceSource
+    sha256: str | None
+    attributes: Mapping[str, str]
+
+
+class OriginSources(Protocol):
+    """Builds a home's origin source from a downloader's `OriginRequest`; raises
+    `InvalidRequest` for a request it does not support."""
+
+    def __call__(self, request: OriginRequest, content_length: int) -> OriginPlan: ...
+
+
+class RegistryOrigins:
+    """`OriginSources` for registry blobs: `scheme://host/v2/NAME/blobs/sha256:…` becomes the
+    registry client's own `OriginBlob`, with the client's `Authorization`."""
+
+    def __init__(self, registry: RegistryClient) -> None:
+        self._registry = registry
+
+    def __call__(self, request: OriginRequest, content_length: int) -> OriginPlan:
+        match = _REGISTRY_BLOB_URL.fullmatch(request.url)
+        repository = match.group("repository") if match is not None else ""
+        if (
+            match is None
+            or len(repository) > MAX_REPOSITORY_LENGTH
+            or not _REPOSITORY.fullmatch(repository)
+        ):
+            raise InvalidRequest("ORIGIN_UNSUPPORTED", "not a registry blob URL")
+        digest = match.group("digest")
+        if request.task_id != digest:
+            raise InvalidRequest("ORIGIN_MISMATCH", "the task id is not the blob's digest")
+        upstream = parse_upstream_url(
+            f"{match.group('scheme')}://{match.group('host')}",
+            self._registry.config.insecure_registries, "origin URL",
+        )
+        if upstream.host != match.group("host"):
+            raise InvalidRequest("ORIGIN_UNSUPPORTED", "the origin host is not in normal form")
+        authorization = next(
+            (value for name, value in request.headers if name.lower() == "authorization"), None
+        )
+        source = self._registry.blob_source(
+            upstream, repository, digest, authorization, content_length=content_length
+        )
+        return OriginPlan(
+            source, digest.removeprefix("sha256:"),
+            {UPSTREAM_ATTRIBUTE: str(upstream), REPOSITORY_ATTRIBUTE: repository},
+        )
+
+
+class OpenTask(Protocol):
+    """`TaskManager.open`, as a home uses it to fetch a task for the swarm."""
+
+    def __call__(
+        self,
+        task_id: str,
+        source: PieceSource | None,
+        *,
+        content_length: int | None = None,
+        sha256: str | None = None,
+        attributes: Mapping[str, str] | None = None,
+        whole: bool = True,
+    ) -> AbstractAsyncContextManager[TaskHandle]: ...
 
 
 class MemberView(Protocol):
@@ -111,6 +249,14 @@ class ClusterStats:
     replications_dropped: int = 0
     # Parents dropped for a task because a piece did not match its xxh3.
     peers_dropped: int = 0
+    # Origin downloads this host started as home 0 on an announce (no client of its own):
+    # started, completed, failed, and announces that found `MAX_SEEDS` running.
+    seeds_started: int = 0
+    seeds_completed: int = 0
+    seeds_failed: int = 0
+    seeds_refused: int = 0
+    # Tasks that went to origin at once because their home could not fetch them.
+    home_origin_failures: int = 0
 
 
 class ClusterScheduler:
@@ -128,6 +274,8 @@ class ClusterScheduler:
         health: PeerHealth | None = None,
         clock: Callable[[], float] | None = None,
         wait_pieces: WaitPieces | None = None,
+        open_task: OpenTask | None = None,
+        origins: OriginSources | None = None,
     ) -> None:
         self.client = client
         self.server = server
@@ -146,6 +294,12 @@ class ClusterScheduler:
         self.stats = ClusterStats()
         self.traffic: OrderedDict[str, TaskTraffic] = OrderedDict()
         self._replications: set[asyncio.Task[None]] = set()
+        # Home 0's origin downloads for swarms (`seed`): need both to run.
+        self._open_task = open_task
+        self._origins = origins
+        self._seeds: dict[str, asyncio.Task[None]] = {}
+        # task id → (clock time, why) of the latest failed origin download for a swarm.
+        self._seed_failures: OrderedDict[str, tuple[float, str]] = OrderedDict()
 
     # -- the policy --------------------------------------------------------------------------
 
@@ -177,7 +331,9 @@ class ClusterScheduler:
 
     # -- announces ---------------------------------------------------------------------------
 
-    def _announce_of(self, task_id: str, content_length: int) -> AnnounceRequest:
+    def _announce_of(
+        self, task_id: str, content_length: int, origin: OriginRequest | None
+    ) -> AnnounceRequest:
         membership = self.membership
         assert membership is not None
         count = piece_count_for(content_length)
@@ -186,16 +342,26 @@ class ClusterScheduler:
             Bitmap.from_flags(flags) if flags is not None and len(flags) == count
             else Bitmap.empty(count)
         )
-        return AnnounceRequest(membership.member_id, content_length, bitmap)
+        return AnnounceRequest(membership.member_id, content_length, bitmap, origin=origin)
 
-    async def announce(self, task_id: str, content_length: int) -> list[Parent]:
+    async def announce(
+        self, task_id: str, content_length: int, origin: OriginRequest | None = None
+    ) -> list[Parent]:
         """Tell the task's homes what we hold; the parents the first one to answer ranks for
         us. Raises `UpstreamUnavailable` when no home answers."""
+        return list((await self.announce_to_homes(task_id, content_length, origin)).parents)
+
+    async def announce_to_homes(
+        self, task_id: str, content_length: int, origin: OriginRequest | None = None
+    ) -> AnnounceReply:
+        """Tell the task's homes what we hold (and, with `origin`, how home 0 can fetch the
+        task); the answer of the first home that answers. Raises `UpstreamUnavailable` when
+        no home answers."""
         membership = self.membership
         if membership is None:
             raise UpstreamUnavailable("the cluster is not running")
         task_key = task_key_for(task_id)
-        announce = self._announce_of(task_id, content_length)
+        announce = self._announce_of(task_id, content_length, origin)
         errors: list[str] = []
         for home in self.homes(task_key):
             if home == membership.member_id:
@@ -207,7 +373,7 @@ class ClusterScheduler:
                     errors.append(f"own tracker: {error.message}")
                     continue
                 self.replicate(task_key, announce)
-                return self.server.parents_for(task_key, announce)
+                return AnnounceReply(tuple(self.server.parents_for(task_key, announce)))
             member = membership.member(home)
             address = member.peer_address if member is not None else None
             if address is None:
@@ -222,7 +388,7 @@ class ClusterScheduler:
                 self.stats.announces_failed += 1
                 errors.append(str(error))
                 continue
-            return list(reply.parents)
+            return reply
         raise UpstreamUnavailable(
             f"no home of task {task_key[:12]} answered: {'; '.join(errors) or 'no homes'}"
         )
@@ -233,7 +399,9 @@ class ClusterScheduler:
         membership = self.membership
         if membership is None or announce.forwarded:
             return
-        copy = dataclasses.replace(announce, forwarded=True)
+        # Without the origin request: home 1 fetches only once it is home 0, and then the
+        # downloaders' own announces bring it; credentials go to no more hosts than needed.
+        copy = dataclasses.replace(announce, forwarded=True, origin=None)
         for home in self.homes(task_key)[1:]:
             if home == membership.member_id:
                 continue
@@ -290,13 +458,84 @@ class ClusterScheduler:
         except UpstreamUnavailable as error:
             log.debug("task %s: could not announce its completion: %s", task_id, error)
 
+    # -- home 0 fetches for the swarm ----------------------------------------------------------
+
+    def seed(self, task_key: str, announce: AnnounceRequest) -> str:
+        """`PeerServer`'s seed hook: on an announce with an origin request for a task this host
+        fetches from origin (home 0) and neither holds nor is fetching, start a whole download
+        of it from origin (the tracker then offers this host as a parent as soon as it has a
+        piece). Returns why this host could not fetch the task ("" if it can, is fetching, or
+        is not the one to fetch it); raises `InvalidRequest` when the origin request names
+        another task. Never blocks."""
+        origin = announce.origin
+        if origin is None or self._open_task is None or self._origins is None:
+            return ""
+        if task_key_for(origin.task_id) != task_key:
+            raise InvalidRequest("ORIGIN_MISMATCH", "the origin request is for another task")
+        if self.membership is None or not self.is_origin_fetcher(task_key):
+            return ""
+        task_id = origin.task_id
+        if task_id in self._seeds:
+            return ""
+        failure = self._seed_failures.get(task_id)
+        if failure is not None:
+            if self._clock() - failure[0] < SEED_FAILURE_MEMORY:
+                return failure[1]
+            del self._seed_failures[task_id]
+        flags = self._bitmap(task_id)
+        if flags is not None and flags and all(flags):
+            return ""  # complete here: the tracker lists this host
+        if len(self._seeds) >= MAX_SEEDS:
+            self.stats.seeds_refused += 1
+            return ""
+        self.stats.seeds_started += 1
+        log.info("task %s: fetching it from origin for the swarm (announced by %s)",
+                 task_id, announce.peer_id)
+        task = asyncio.get_running_loop().create_task(
+            self._seed(origin, announce.content_length), name=f"seed {task_id}"
+        )
+        self._seeds[task_id] = task
+        task.add_done_callback(lambda _: self._seeds.pop(task_id, None))
+        return ""
+
+    async def _seed(self, origin: OriginRequest, content_length: int) -> None:
+        assert self._open_task is not None and self._origins is not None
+        task_id = origin.task_id
+        try:
+            plan = self._origins(origin, content_length)
+            async with self._open_task(
+                task_id, plan.source, content_length=content_length, sha256=plan.sha256,
+                attributes=plan.attributes, whole=True,
+            ) as handle:
+                # Waits for every piece (the last one after the sha256 matched) without
+                # copying any: segments are places in the data file.
+                async for _ in handle.segments(0, handle.info.content_length):
+                    pass
+        except D7yError as error:
+            self._seed_failed(task_id, f"{type(error).__name__}: {error}")
+        except Exception as error:  # a bug must not pass silently, nor kill the home
+            log.exception("task %s: origin download for the swarm broke", task_id)
+            self._seed_failed(task_id, f"{type(error).__name__}")
+        else:
+            self.stats.seeds_completed += 1
+
+    def _seed_failed(self, task_id: str, reason: str) -> None:
+        self.stats.seeds_failed += 1
+        reason = reason.splitlines()[0] if reason else "failed"
+        reason = reason.encode()[: ORIGIN_ERROR_MAX_BYTES - 16].decode("utf-8", "ignore")
+        log.warning("task %s: could not fetch it from origin for the swarm: %s", task_id, reason)
+        self._seed_failures.pop(task_id, None)
+        self._seed_failures[task_id] = (self._clock(), reason)
+        while len(self._seed_failures) > MAX_SEED_FAILURES:
+            self._seed_failures.popitem(last=False)
+
     def forget_member(self, member_id: str) -> None:
         """A member died or left: its pieces are gone from every swarm we track."""
         if self.server.tracker is not None:
             self.server.tracker.remove_member(member_id)
 
     async def close(self) -> None:
-        tasks = [*self._replications, *self._completions.values()]
+        tasks = [*self._replications, *self._completions.values(), *self._seeds.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -332,7 +571,15 @@ class _HomeFinder:
         self._pending = asyncio.get_running_loop().create_future()
         pending = self._pending
         try:
-            found = await scheduler.announce(self._source.task_id, self._content_length)
+            reply = await scheduler.announce_to_homes(
+                self._source.task_id, self._content_length, self._source.origin_request
+            )
+            if reply.origin_error:
+                self._source.home_cannot_fetch(reply.origin_error)
+                raise UpstreamUnavailable(
+                    f"the task's home could not fetch it from origin: {reply.origin_error}"
+                )
+            found = list(reply.parents)
         except BaseException as error:
             self._pending = None
             # Callers sharing this announce were not cancelled themselves: they get a failure
@@ -369,6 +616,10 @@ class ClusterSource:
         self._peers: PeerPieceSource | None = None
         self._fallback = False
         self._counted_home = False
+        # How the task's home 0 can fetch it from origin (sent with every announce).
+        self.origin_request = origin_request_of(task_id, origin)
+        # Why the task's home could not fetch it from origin, once it said so.
+        self._home_error: str | None = None
         # Loop time of the last sign of life from the swarm (a piece, a home's answer showing
         # more pieces); None until the first read.
         self._progress_at: float | None = None
@@ -378,6 +629,9 @@ class ClusterSource:
 
     def progressed(self) -> None:
         self._progress_at = self.scheduler._clock()
+
+    def home_cannot_fetch(self, reason: str) -> None:
+        self._home_error = reason
 
     def _stalled(self) -> bool:
         if self._progress_at is None:
@@ -430,6 +684,14 @@ class ClusterSource:
                 self._note_parents(peers, traffic, pieces_before)
                 if self._fallback:
                     continue  # another piece's read decided it meanwhile
+                if self._home_error is not None:
+                    self._fallback = True
+                    traffic.fell_back = True
+                    scheduler.stats.fallbacks += 1
+                    scheduler.stats.home_origin_failures += 1
+                    log.warning("task %s: its home could not fetch it from origin (%s); "
+                                "fetching from origin", self.task_id, self._home_error)
+                    continue
                 if self._stalled():
                     self._fallback = True
                     traffic.fell_back = True

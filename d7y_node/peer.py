@@ -8,7 +8,9 @@ Owns, under `/peer/v1/`:
   `TaskState`), answered at once unless the bitmap's fingerprint is still `known`, then when it
   changes or after `wait` seconds (a long poll, no tight polling on either side);
 - `POST tracker/{task_key}/announce`: a msgpack `AnnounceRequest` into this home's `Tracker`,
-  answered with ranked parents (`AnnounceReply`);
+  answered with ranked parents (`AnnounceReply`); an announce that carries an `OriginRequest`
+  is handed to the `seed` hook first (home 0 starts fetching the task from origin for the
+  swarm; its answer says if that failed);
 - `POST gossip/pushpull`: the server side of gossip's `StreamTransport` (`HttpStreamTransport`).
 
 With a cluster key every request carries `X-D7y-Peer-Auth: v1 <unix seconds> <tag>`, the tag an
@@ -384,6 +386,11 @@ class PeerServerStats:
 Handler = Callable[[web.Request, bytes], Awaitable[web.StreamResponse]]
 _Reply = TypeVar("_Reply", AnnounceReply, TaskState)
 ReplicateAnnounce = Callable[[str, AnnounceRequest], None]
+# Called with (task key, announce) for every announce carrying an origin request that did not
+# come from another home; returns why this home cannot fetch the task from origin ("" if it
+# can, is fetching, or is not the one to fetch it). Raises `InvalidRequest` for a request that
+# does not belong to the task; must not block.
+SeedAnnounce = Callable[[str, AnnounceRequest], str]
 
 
 class PeerServer:
@@ -399,6 +406,7 @@ class PeerServer:
         directory: MemberDirectory | None = None,
         stream: HttpStreamTransport | None = None,
         replicate: ReplicateAnnounce | None = None,
+        seed: SeedAnnounce | None = None,
         local_id: str | None = None,
     ) -> None:
         self.provider = provider
@@ -413,6 +421,8 @@ class PeerServer:
         # Called with every announce that did not come from another home (home 0 passes them
         # on to home 1); must not block.
         self.replicate = replicate
+        # Home 0's origin fetch for the swarm (see `SeedAnnounce`).
+        self.seed = seed
         self.stats = PeerServerStats()
         self.slots = UploadSlots(self.config.upload_slots)
         self.waiting_polls = 0
@@ -565,6 +575,9 @@ class PeerServer:
             return _error(404, "NOT_A_TRACKER", "this host keeps no tracker")
         announce = decode(body, AnnounceRequest)
         self.stats.announces += 1
+        origin_error = ""
+        if announce.origin is not None and not announce.forwarded and self.seed is not None:
+            origin_error = self.seed(task_key, announce)
         try:
             self.tracker.announce(task_key, announce.peer_id, announce.bitmap)
         except InvalidRequest as error:
@@ -573,7 +586,9 @@ class PeerServer:
             return _message(AnnounceReply(()))
         if self.replicate is not None:
             self.replicate(task_key, announce)
-        return _message(AnnounceReply(tuple(self.parents_for(task_key, announce))))
+        return _message(
+            AnnounceReply(tuple(self.parents_for(task_key, announce)), origin_error)
+        )
 
     def parents_for(self, task_key: str, announce: AnnounceRequest) -> list[Parent]:
         """The tracked peers of the task that can serve `announce`'s sender, ranked."""

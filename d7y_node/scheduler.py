@@ -7,8 +7,9 @@ Owns the pure logic of P2P scheduling, with no I/O and no clock of its own (time
 - `Tracker`: kept by a task's home, which peers hold which pieces, with expiry and size bounds;
 - `PeerHealth`: a downloader's own view of its parents (throughput EWMA, decaying failures);
 - `rank_parents` and `select_pieces`: which parents to ask, and which piece to ask each for;
-- the peer protocol's wire messages (`AnnounceRequest`, `AnnounceReply`, `Parent`, `TaskState`)
-  and their one msgpack encoding (`encode`, `decode`), validated and size-bounded.
+- the peer protocol's wire messages (`AnnounceRequest`, `AnnounceReply`, `Parent`, `TaskState`,
+  and `OriginRequest`, how a task's home fetches it from origin for the swarm) and their one
+  msgpack encoding (`encode`, `decode`), validated and size-bounded.
 
 Does not talk to the network (`peer.py`), know members' liveness (`gossip`), or store pieces
 (`piece_store.py`, `tasks.py`): callers hand in member ids, bitmaps and times.
@@ -17,10 +18,12 @@ Does not talk to the network (`peer.py`), know members' liveness (`gossip`), or 
 from __future__ import annotations
 
 import math
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import msgpack
 import xxhash
@@ -51,6 +54,19 @@ MAX_PARENTS = 16
 WIRE_MAX_BYTES = 256 * 1024
 # Wire messages have this version; another is refused (both ends come from one release).
 WIRE_VERSION = 1
+# An origin request's task id and URL: a registry blob URL is far shorter; a signed storage URL
+# with its query stays well within 8 KiB (the common limit of HTTP servers on a request line).
+TASK_ID_MAX_BYTES = 8192
+ORIGIN_URL_MAX_BYTES = 8192
+# Request headers an origin request may carry to the home: only the client's credentials
+# (everything else the home's own client sets). Compared case-insensitively.
+ORIGIN_HEADER_NAMES = ("authorization",)
+# A header value (a bearer token, a JWT of a few KiB at most).
+ORIGIN_HEADER_MAX_BYTES = 8192
+# Why a home could not fetch a task: one line, for a log and a counter, not a document.
+ORIGIN_ERROR_MAX_BYTES = 1024
+# The path of a registry blob: its digest is the task id (validated when a home gets one).
+REGISTRY_BLOB_PATH = re.compile(r"/v2/(?P<repository>.+)/blobs/(?P<digest>[^/]+)")
 
 # ---------------------------------------------------------------------------------------------
 # Defaults
@@ -560,21 +576,40 @@ def select_pieces(
 
 
 @dataclass(frozen=True)
+class OriginRequest:
+    """How to fetch a task from its origin: the task's id, an http(s) URL and the request
+    headers it needs (only `ORIGIN_HEADER_NAMES`: the client's `Authorization`).
+
+    A downloader sends it with its announce so that the task's home 0 can fetch the task for
+    the swarm even when no client asked the home itself. The headers are credentials: they
+    travel only over the peer channel (which a cluster key authenticates), are never logged
+    (`repr` leaves them out) and are not copied on to other homes."""
+
+    task_id: str
+    url: str
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+
+
+@dataclass(frozen=True)
 class AnnounceRequest:
     """A peer tells a task's home what it holds, and asks for parents (unless `forwarded`:
-    home 0 passes every announce on to home 1 so that it keeps a copy of the swarm)."""
+    home 0 passes every announce on to home 1 so that it keeps a copy of the swarm). `origin`,
+    when the peer knows it, lets home 0 fetch the task from origin for everyone."""
 
     peer_id: str
     content_length: int
     bitmap: Bitmap
     forwarded: bool = False
+    origin: OriginRequest | None = None
 
 
 @dataclass(frozen=True)
 class AnnounceReply:
-    """Parents for the announcing peer, best first (at most `MAX_PARENTS`)."""
+    """Parents for the announcing peer, best first (at most `MAX_PARENTS`). `origin_error` is
+    set when the home (home 0) could not fetch the task from origin: why, in one line."""
 
     parents: tuple[Parent, ...]
+    origin_error: str = ""
 
 
 @dataclass(frozen=True)
@@ -646,6 +681,43 @@ def _check_bitmap(bits: Any, content_length: int) -> Bitmap:
     return Bitmap(piece_count_for(content_length), bits)
 
 
+def check_origin_request(request: OriginRequest) -> OriginRequest:
+    """`request` if it is well formed, else `InvalidRequest`: a bounded task id; an http or
+    https URL with a host and no user info; only `ORIGIN_HEADER_NAMES` headers, bounded, one
+    line each; and for a registry blob URL (`/v2/NAME/blobs/DIGEST`), a task id equal to the
+    digest (a home never stores content under an id another host chose freely)."""
+    _check_text(request.task_id, "task id", TASK_ID_MAX_BYTES)
+    url = _check_text(request.url, "origin URL", ORIGIN_URL_MAX_BYTES)
+    if any(ord(character) < 0x21 or ord(character) == 0x7F for character in url):
+        raise _bad("origin URL has spaces or control characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise _bad("origin URL does not parse") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _bad("origin URL must be http:// or https:// with a host")
+    if "@" in parts.netloc or (port is not None and not 0 < port <= PORT_MAX):
+        raise _bad("origin URL must not carry user info or a bad port")
+    blob = REGISTRY_BLOB_PATH.fullmatch(parts.path)
+    if blob is not None and request.task_id != blob.group("digest"):
+        raise _bad("the task id of a registry blob must be the digest its URL names")
+    if type(request.headers) is not tuple or len(request.headers) > len(ORIGIN_HEADER_NAMES):
+        raise _bad(f"at most {len(ORIGIN_HEADER_NAMES)} origin headers")
+    names: set[str] = set()
+    for item in request.headers:
+        if type(item) is not tuple or len(item) != 2:
+            raise _bad("an origin header is a (name, value) pair")
+        name = _check_text(item[0], "origin header name", 64).lower()
+        value = _check_text(item[1], "origin header value", ORIGIN_HEADER_MAX_BYTES)
+        if name not in ORIGIN_HEADER_NAMES or name in names:
+            raise _bad("origin headers may only be " + ", ".join(ORIGIN_HEADER_NAMES))
+        if any(character in value for character in "\r\n\x00"):
+            raise _bad("an origin header value is one line")
+        names.add(name)
+    return request
+
+
 def _check_parent(parent: Parent) -> None:
     _check_text(parent.peer_id, "peer id", MEMBER_ID_MAX_BYTES)
     _check_text(parent.host, "host", HOST_MAX_BYTES)
@@ -660,8 +732,16 @@ def _fields(message: WireMessage) -> list[Any]:
         _check_length(message.content_length)
         if message.bitmap.piece_count != piece_count_for(message.content_length):
             raise _bad("bitmap does not match the content length")
-        return [message.peer_id, message.content_length, message.bitmap.bits, message.forwarded]
+        fields: list[Any] = [
+            message.peer_id, message.content_length, message.bitmap.bits, message.forwarded
+        ]
+        if message.origin is not None:
+            origin = check_origin_request(message.origin)
+            fields.append([origin.task_id, origin.url, [list(item) for item in origin.headers]])
+        return fields
     if isinstance(message, AnnounceReply):
+        _check_text(message.origin_error, "origin error", ORIGIN_ERROR_MAX_BYTES,
+                    allow_empty=True)
         if len(message.parents) > MAX_PARENTS:
             raise _bad(f"at most {MAX_PARENTS} parents")
         counts = {parent.bitmap.piece_count for parent in message.parents}
@@ -674,7 +754,7 @@ def _fields(message: WireMessage) -> list[Any]:
                 parent.peer_id, parent.host, parent.port, parent.bitmap.piece_count,
                 parent.bitmap.bits, parent.free_upload_slots, dict(parent.labels),
             ])
-        return [parents]
+        return [parents, message.origin_error] if message.origin_error else [parents]
     _check_length(message.content_length)
     if message.piece_size != piece_size_for(message.content_length):
         raise _bad("piece size does not match the content length")
@@ -711,8 +791,8 @@ def decode(data: bytes, kind: type[_M]) -> _M:
     body = fields[2:]
     message: WireMessage
     if kind is AnnounceRequest:
-        if len(body) != 4:
-            raise _bad("an announce has 4 fields")
+        if len(body) not in (4, 5):
+            raise _bad("an announce has 4 or 5 fields")
         length = _check_length(body[1])
         if type(body[3]) is not bool:
             raise _bad("forwarded must be a boolean")
@@ -721,9 +801,10 @@ def decode(data: bytes, kind: type[_M]) -> _M:
             length,
             _check_bitmap(body[2], length),
             body[3],
+            _decode_origin(body[4]) if len(body) == 5 else None,
         )
     elif kind is AnnounceReply:
-        if len(body) != 1 or type(body[0]) is not list or len(body[0]) > MAX_PARENTS:
+        if len(body) not in (1, 2) or type(body[0]) is not list or len(body[0]) > MAX_PARENTS:
             raise _bad(f"an announce reply is a list of at most {MAX_PARENTS} parents")
         parents = []
         for item in body[0]:
@@ -743,7 +824,11 @@ def decode(data: bytes, kind: type[_M]) -> _M:
             parents.append(parent)
         if len({parent.bitmap.piece_count for parent in parents}) > 1:
             raise _bad("parents' bitmaps differ in piece count")
-        message = AnnounceReply(tuple(parents))
+        origin_error = (
+            _check_text(body[1], "origin error", ORIGIN_ERROR_MAX_BYTES, allow_empty=True)
+            if len(body) == 2 else ""
+        )
+        message = AnnounceReply(tuple(parents), origin_error)
     else:
         if len(body) != 3:
             raise _bad("a task state has 3 fields")
@@ -753,3 +838,16 @@ def decode(data: bytes, kind: type[_M]) -> _M:
         message = TaskState(length, body[1], _check_bitmap(body[2], length))
     assert isinstance(message, kind)
     return message
+
+
+def _decode_origin(value: Any) -> OriginRequest:
+    if type(value) is not list or len(value) != 3 or type(value[2]) is not list:
+        raise _bad("an origin request is [task id, URL, headers]")
+    headers: list[tuple[str, str]] = []
+    for item in value[2][: len(ORIGIN_HEADER_NAMES) + 1]:  # more is refused by the check
+        if type(item) is not list or len(item) != 2:
+            raise _bad("an origin header is a (name, value) pair")
+        headers.append((item[0], item[1]))
+    if len(value[2]) > len(ORIGIN_HEADER_NAMES):
+        raise _bad(f"at most {len(ORIGIN_HEADER_NAMES)} origin headers")
+    return check_origin_request(OriginRequest(value[0], value[1], tuple(headers)))

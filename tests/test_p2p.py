@@ -15,17 +15,27 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
-from d7y_node.config import ClusterConfig, Listen, NodeConfig, ProxyConfig, StoreConfig
-from d7y_node.errors import PeerFailed
+from d7y_node.config import (
+    ClusterConfig,
+    Listen,
+    NodeConfig,
+    ProxyConfig,
+    RegistryConfig,
+    StoreConfig,
+)
+from d7y_node.errors import InvalidRequest, PeerFailed
 from d7y_node.gossip.members import Member
 from d7y_node.gossip.messages import Address, Load, MemberState
 from d7y_node.metrics import Metrics
 from d7y_node.node import Node
-from d7y_node.p2p import ClusterScheduler
+from d7y_node.p2p import ClusterScheduler, RegistryOrigins
 from d7y_node.peer import PeerClient, PeerServer, TaskManagerPieces, task_key_for
 from d7y_node.piece_store import MIB, PieceStore
-from d7y_node.scheduler import Tracker, task_homes
+from d7y_node.proxy import REPOSITORY_ATTRIBUTE, UPSTREAM_ATTRIBUTE
+from d7y_node.registry import OriginBlob, RegistryClient, Upstream
+from d7y_node.scheduler import AnnounceRequest, Bitmap, OriginRequest, Tracker, task_homes
 from d7y_node.tasks import TaskManager
 
 
@@ -314,3 +324,195 @@ async def test_peers_serving_corrupt_pieces_are_dropped_and_the_download_still_v
         # With no good peer left it went to origin (counted), and the blob still verified.
         assert scheduler.stats.fallbacks == 1
         assert sent[0] - before == len(data) - scheduler.traffic[task_id].peer_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# Home 0 fetches for the swarm
+
+
+REPOSITORY = "library/app"
+TOKEN = "Bearer the-client-token-0123456789"
+
+
+class BlobOrigin:
+    """A real HTTP origin on 127.0.0.1 serving one blob at `/v2/library/app/blobs/DIGEST` with
+    range requests, only to requests that carry `TOKEN`; counts the body bytes it sends and
+    the bearer of each request (its access log)."""
+
+    def __init__(self, data: bytes, digest: str, *, delay: float = 0.0) -> None:
+        self.data = data
+        self.digest = digest
+        self.delay = delay
+        self.sent = 0
+        self.refused = 0
+        # GETs still to refuse with 403 (an origin that turns one request away).
+        self.refuse_gets = 0
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def _blob(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Authorization") != TOKEN:
+            self.refused += 1
+            return web.Response(status=401, headers={"WWW-Authenticate": 'Bearer realm="x"'})
+        if request.match_info["digest"] != self.digest:
+            return web.Response(status=404)
+        if request.method == "GET" and self.refuse_gets > 0:
+            self.refuse_gets -= 1
+            self.refused += 1
+            return web.Response(status=403)
+        start, end = 0, len(self.data) - 1
+        status = 200
+        spec = request.headers.get("Range")
+        if spec is not None:
+            first, _, last = spec.removeprefix("bytes=").partition("-")
+            start, end, status = int(first), min(end, int(last)), 206
+        headers = {"Content-Length": str(end - start + 1)}
+        if status == 206:
+            headers["Content-Range"] = f"bytes {start}-{end}/{len(self.data)}"
+        response = web.StreamResponse(status=status, headers=headers)
+        await response.prepare(request)
+        if request.method == "HEAD":
+            return response
+        step = 256 * 1024
+        for position in range(start, end + 1, step):
+            chunk = self.data[position : min(end + 1, position + step)]
+            self.sent += len(chunk)
+            await asyncio.sleep(self.delay)
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    async def __aenter__(self) -> BlobOrigin:
+        app = web.Application()
+        app.router.add_route("*", "/v2/library/app/blobs/{digest}", self._blob)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+    @property
+    def upstream(self) -> Upstream:
+        return Upstream("http", f"127.0.0.1:{self.port}")
+
+
+async def pull(node: Node, origin: BlobOrigin, authorization: str) -> bytes:
+    """What the proxy does for a client's blob GET: the registry source, the blob's digest."""
+    source = node.registry.blob_source(origin.upstream, REPOSITORY, origin.digest, authorization)
+    async with node.tasks.open(
+        origin.digest, source, sha256=origin.digest.removeprefix("sha256:"),
+        attributes={UPSTREAM_ATTRIBUTE: str(origin.upstream), REPOSITORY_ATTRIBUTE: REPOSITORY},
+    ) as handle:
+        return await handle.read(0, handle.info.content_length)
+
+
+def blob_homed_on(member_ids: list[str], home: str, size: int) -> tuple[bytes, str]:
+    """A blob whose home 0 among `member_ids` is `home`."""
+    for seed in range(1000):
+        data, digest = blob(size, seed=seed)
+        if task_homes(task_key_for(digest), member_ids)[0] == home:
+            return data, digest
+    raise AssertionError("no blob found")
+
+
+async def test_home_without_a_client_fetches_for_the_swarm_and_origin_serves_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Hosts A and B pull a blob whose home C gets no client request: C fetches it from origin
+    (with the client's credentials, carried by the announce), A and B get it from peers within
+    about a second, the origin sends it once, and C holds the verified blob."""
+    caplog.set_level("DEBUG")
+    async with cluster(tmp_path, 3, home_timeout=5.0) as nodes:
+        ids = [node.member_id or "" for node in nodes]
+        data, digest = blob_homed_on(ids, "n2", 10 * MIB + 3)
+        home, downloaders = nodes[2], nodes[:2]
+        async with BlobOrigin(data, digest, delay=0.002) as origin:
+            started = asyncio.get_running_loop().time()
+            results = await asyncio.gather(*(pull(node, origin, TOKEN) for node in downloaders))
+            elapsed = asyncio.get_running_loop().time() - started
+            assert results == [data, data]
+            assert origin.sent == len(data) and origin.refused == 0
+            assert elapsed < 5.0  # well before the home timeout: nobody fell back
+            for node in downloaders:
+                assert node.scheduler is not None
+                record = node.scheduler.traffic[digest]
+                assert (record.origin_bytes, record.peer_bytes) == (0, len(data))
+                assert node.scheduler.stats.fallbacks == 0
+            assert home.scheduler is not None
+            await eventually(lambda: home.scheduler is not None
+                             and home.scheduler.stats.seeds_completed == 1, 5.0)
+            assert home.scheduler.stats.seeds_started == 1
+            assert home.scheduler.stats.home_tasks == 1
+            info = home.tasks.info(digest)
+            assert info is not None and info.complete
+            assert info.attributes[REPOSITORY_ATTRIBUTE] == REPOSITORY
+            # The home's own client, later, is served from its store (nothing from origin).
+            assert await pull(home, origin, TOKEN) == data
+            assert origin.sent == len(data)
+    token = TOKEN.split()[1]
+    assert not [record for record in caplog.records if token in record.getMessage()]
+
+
+async def test_a_home_that_cannot_fetch_says_so_and_the_downloader_goes_to_origin_at_once(
+    tmp_path: Path,
+) -> None:
+    """The origin refuses the home's GET (403): home 0 answers that its origin fetch failed,
+    and the downloader goes to origin itself at once (counted), not after the home timeout."""
+    async with cluster(tmp_path, 2, home_timeout=5.0) as nodes:
+        data, digest = blob_homed_on([node.member_id or "" for node in nodes], "n1", 3 * MIB)
+        async with BlobOrigin(data, digest) as origin:
+            origin.refuse_gets = 1
+            started = asyncio.get_running_loop().time()
+            assert await pull(nodes[0], origin, TOKEN) == data
+            assert asyncio.get_running_loop().time() - started < 4.0
+            assert nodes[1].scheduler is not None and nodes[0].scheduler is not None
+            assert nodes[1].scheduler.stats.seeds_failed == 1
+            assert nodes[0].scheduler.stats.home_origin_failures == 1
+            assert nodes[0].scheduler.stats.fallbacks == 1
+            # The host's own copy, plus what the home's other piece workers got before the
+            # refusal failed its task.
+            assert origin.refused == 1 and len(data) <= origin.sent <= 2 * len(data)
+
+
+async def test_an_announce_whose_origin_names_another_task_is_refused(tmp_path: Path) -> None:
+    async with cluster(tmp_path, 2) as nodes:
+        _, digest = blob(MIB, seed=5)
+        _, other = blob(MIB, seed=6)
+        client, address = nodes[0].peer_client, nodes[1].peer_address
+        assert client is not None and address is not None
+        origin = OriginRequest(other, f"http://127.0.0.1:1/v2/{REPOSITORY}/blobs/{other}",
+                               (("Authorization", TOKEN),))
+        announce = AnnounceRequest("n0", MIB, Bitmap.empty(1), origin=origin)
+        with pytest.raises(PeerFailed, match="400"):
+            await client.announce(Address(address.host, address.port), task_key_for(digest),
+                                  announce)
+        assert nodes[1].peer_server.stats.bad_requests == 1
+        assert nodes[1].scheduler is not None
+        assert nodes[1].scheduler.stats.seeds_started == 0
+
+
+def test_registry_origins_build_the_registry_source_and_refuse_anything_else() -> None:
+    origins = RegistryOrigins(RegistryClient(RegistryConfig(), Metrics()))
+    digest = "sha256:" + "ab" * 32
+    url = f"http://127.0.0.1:5000/v2/{REPOSITORY}/blobs/{digest}"
+    plan = origins(OriginRequest(digest, url, (("Authorization", TOKEN),)), 42)
+    assert isinstance(plan.source, OriginBlob) and str(plan.source.url) == url
+    assert plan.source._headers() == {"Authorization": TOKEN}
+    assert plan.sha256 == "ab" * 32
+    assert plan.attributes == {UPSTREAM_ATTRIBUTE: "http://127.0.0.1:5000",
+                               REPOSITORY_ATTRIBUTE: REPOSITORY}
+    for bad_url in (
+        "http://127.0.0.1:5000/files/a.tar",  # not a registry blob
+        f"http://127.0.0.1:5000/v2/Bad..Name/blobs/{digest}",  # not a repository name
+        f"http://REGISTRY.example/v2/{REPOSITORY}/blobs/{digest}",  # host not in normal form
+        f"http://127.0.0.1:5000/v2/{REPOSITORY}/blobs/{digest}?x=1",
+    ):
+        with pytest.raises(InvalidRequest):
+            origins(OriginRequest(digest, bad_url), 42)
+    with pytest.raises(InvalidRequest):  # the task id is not the blob's digest
+        origins(OriginRequest("sha256:" + "cd" * 32, url), 42)

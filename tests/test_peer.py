@@ -55,6 +55,7 @@ from d7y_node.piece_store import MIB, PieceStore, piece_size_for
 from d7y_node.scheduler import (
     AnnounceRequest,
     Bitmap,
+    OriginRequest,
     Parent,
     PeerHealth,
     TaskState,
@@ -741,6 +742,37 @@ async def test_announce_returns_ranked_parents_and_forwards_to_home_1(
         async with session.post(url, data=b"\x00" * (300 * 1024)) as got:
             assert got.status == 413
     assert server.stats.announces == 8
+
+
+async def test_an_announce_with_an_origin_request_goes_to_the_seed_hook_unless_forwarded(
+    pieces: MemoryPieces, session: aiohttp.ClientSession
+) -> None:
+    seeded: list[tuple[str, AnnounceRequest]] = []
+
+    def seed(task_key: str, announce: AnnounceRequest) -> str:
+        seeded.append((task_key, announce))
+        return "TaskFailed: origin answered 403"
+
+    server = PeerServer(pieces, tracker=Tracker(time.monotonic), seed=seed)
+    length, count, key = len(pieces.data), pieces.piece_count, pieces.task_key
+    digest = "sha256:" + "ab" * 32
+    origin = OriginRequest(digest, f"http://127.0.0.1:1/v2/a/blobs/{digest}",
+                           (("Authorization", "Bearer t"),))
+    async with serving(server) as address:
+        client = PeerClient(session)
+        # Without an origin request the hook is not asked.
+        reply = await client.announce(address, key,
+                                      AnnounceRequest("a", length, Bitmap.empty(count)))
+        assert reply.origin_error == "" and seeded == []
+        reply = await client.announce(
+            address, key, AnnounceRequest("a", length, Bitmap.empty(count), origin=origin)
+        )
+        assert reply.origin_error == "TaskFailed: origin answered 403"
+        assert seeded[0][0] == key and seeded[0][1].origin == origin
+        # A copy from home 0 never makes home 1 fetch.
+        await client.announce(address, key, AnnounceRequest(
+            "b", length, Bitmap.empty(count), forwarded=True, origin=origin))
+        assert len(seeded) == 1
 
 
 async def test_announce_without_a_tracker_is_404(

@@ -21,6 +21,7 @@ from d7y_node.scheduler import (
     AnnounceReply,
     AnnounceRequest,
     Bitmap,
+    OriginRequest,
     Parent,
     PeerHealth,
     SwarmPeer,
@@ -398,3 +399,51 @@ def test_wire_announce_round_trips_any_valid_input(
             peer_id.encode()
         return
     assert decode(data, AnnounceRequest) == announce
+
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+def test_an_announce_carries_the_origin_request_and_a_reply_the_home_s_origin_error() -> None:
+    url = f"https://registry.example:5000/v2/library/app/blobs/{DIGEST}"
+    origin = OriginRequest(DIGEST, url, (("Authorization", "Bearer secret-token"),))
+    announce = AnnounceRequest("host-1", 3 * MIB, Bitmap.empty(3), origin=origin)
+    assert decode(encode(announce), AnnounceRequest) == announce
+    # Credentials stay out of every repr (and so out of logs and assertion messages).
+    assert "secret-token" not in repr(origin) and "secret-token" not in repr(announce)
+    reply = AnnounceReply((), "TaskFailed: origin answered 403")
+    assert decode(encode(reply), AnnounceReply) == reply
+    # A plain URL source (not a registry blob) may name its task freely.
+    plain = OriginRequest("https://files.example/a.tar", "https://files.example/a.tar")
+    assert decode(encode(AnnounceRequest("h", 0, Bitmap.empty(0), origin=plain)),
+                  AnnounceRequest).origin == plain
+
+
+@pytest.mark.parametrize(
+    ("task_id", "url", "headers"),
+    [
+        (DIGEST, f"ftp://r.example/v2/a/blobs/{DIGEST}", ()),  # not http(s)
+        (DIGEST, f"file:///v2/a/blobs/{DIGEST}", ()),
+        (DIGEST, f"http:///v2/a/blobs/{DIGEST}", ()),  # no host
+        (DIGEST, f"http://user:pw@r.example/v2/a/blobs/{DIGEST}", ()),  # user info
+        (DIGEST, f"http://r.example:99999/v2/a/blobs/{DIGEST}", ()),  # bad port
+        (DIGEST, f"http://r.example/v2/a/blobs/{DIGEST} x", ()),  # a space
+        ("sha256:" + "cd" * 32, f"http://r.example/v2/a/blobs/{DIGEST}", ()),  # another digest
+        (DIGEST, f"http://r.example/v2/a/blobs/{DIGEST}", (("Cookie", "c"),)),  # not allowed
+        (DIGEST, f"http://r.example/v2/a/blobs/{DIGEST}", (("Authorization", "a\r\nX: y"),)),
+        (DIGEST, f"http://r.example/v2/a/blobs/{DIGEST}",
+         (("Authorization", "a"), ("authorization", "b"))),
+        (DIGEST, "http://r.example/" + "a" * 9000, ()),  # too long
+        ("", f"http://r.example/v2/a/blobs/{DIGEST}", ()),  # no task id
+    ],
+)
+def test_a_malformed_origin_request_is_refused_on_both_ends(
+    task_id: str, url: str, headers: tuple[tuple[str, str], ...]
+) -> None:
+    origin = OriginRequest(task_id, url, headers)
+    with pytest.raises(InvalidRequest):
+        encode(AnnounceRequest("p", MIB, Bitmap.empty(1), origin=origin))
+    body = msgpack.packb([1, 1, "p", MIB, b"\x00", False,
+                          [task_id, url, [list(item) for item in headers]]])
+    with pytest.raises(InvalidRequest):
+        decode(body, AnnounceRequest)
