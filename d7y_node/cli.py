@@ -178,10 +178,150 @@ def _add_status_options(command: Callable[..., None]) -> Callable[..., None]:
 app.command("status")(_add_status_options(with_node_options(status)))
 
 
+def _node_client(config_file: Path | None, flags: dict[str, Any]) -> tuple[str, Any]:
+    """The running node's peer-port base URL (`--peer`, else its settings) and the request
+    signer when a cluster key is set (`--secret-file`): (base, PeerAuth | None)."""
+    from d7y_node.node import read_cluster_key
+    from d7y_node.peer import PeerAuth
+
+    peer = flags.pop("peer", None)
+    config = resolve(config_file, flags)
+    key = read_cluster_key(config.cluster)
+    return status_url(config, peer).removesuffix("/status"), (
+        PeerAuth(key) if key is not None else None
+    )
+
+
+def _command_options(
+    command: Callable[..., None], leading: list[inspect.Parameter]
+) -> Callable[..., None]:
+    """`leading` (arguments and the command's own options) before the node options."""
+    signature = inspect.signature(with_node_options(command))
+    peer = inspect.Parameter(
+        "peer", inspect.Parameter.KEYWORD_ONLY,
+        annotation=Optional[str],  # noqa: UP045 - typer reads this annotation at run time
+        default=typer.Option(None, "--peer", metavar="HOST:PORT",
+                             help="the node's peer address (default: from its settings)"),
+    )
+    command.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*leading, peer, *signature.parameters.values()]
+    )
+    return command
+
+
+def get(url: str, config_file: Path | None = None, **flags: Any) -> None:
+    """Fetch URL through the running node and its cluster into -o FILE.
+
+    URL: any http(s) URL; a registry blob URL
+    (http(s)://REGISTRY/v2/NAME/blobs/sha256:HEX); or
+    REGISTRY/NAME@sha256:HEX. `-o -` writes to stdout.
+
+    Signature query parameters (Expires, Signature, X-Amz-*,
+    X-Goog-*, Key-Pair-Id, Policy, Azure SAS) do not change
+    which content a URL names.
+
+    A plain URL without --digest is complete once all its bytes
+    arrived; with --digest they must hash to it.
+    """
+    from d7y_node.fetch import download
+
+    output = flags.pop("output")
+    digest = flags.pop("digest", None)
+    base, auth = _node_client(config_file, flags)
+    download(base, url, output, digest=digest, auth=auth)
+
+
+app.command("get")(_command_options(get, [
+    inspect.Parameter("url", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
+                      default=typer.Argument(..., metavar="URL")),
+    inspect.Parameter(
+        "output", inspect.Parameter.KEYWORD_ONLY, annotation=str,
+        default=typer.Option(..., "-o", "--output", metavar="FILE",
+                             help="where to write (`-` for stdout); written atomically"),
+    ),
+    inspect.Parameter(
+        "digest", inspect.Parameter.KEYWORD_ONLY,
+        annotation=Optional[str],  # noqa: UP045 - typer reads this annotation at run time
+        default=typer.Option(None, "--digest", metavar="sha256:HEX",
+                             help="the content's digest: verified, and names the task"),
+    ),
+]))
+
+
+def preheat(image: str, config_file: Path | None = None, **flags: Any) -> None:
+    """Resolve IMAGE's manifest and have each blob's home fetch it now.
+
+    Prints one line per blob: digest, size, the host that fetched it."""
+    from d7y_node.preheat import preheat as run_preheat
+
+    platform = flags.pop("platform", None)
+    base, auth = _node_client(config_file, flags)
+    failures = run_preheat(base, image, platform, auth, sys.stdout)
+    if failures:
+        raise D7yError(f"{failures} blob(s) of {image} could not be fetched")
+
+
+app.command("preheat")(_command_options(preheat, [
+    inspect.Parameter("image", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
+                      default=typer.Argument(..., metavar="IMAGE_REF")),
+    inspect.Parameter(
+        "platform", inspect.Parameter.KEYWORD_ONLY,
+        annotation=Optional[str],  # noqa: UP045 - typer reads this annotation at run time
+        default=typer.Option(None, "--platform", metavar="OS/ARCH[/VARIANT]",
+                             help="only this platform of a multi-platform image (default: all)"),
+    ),
+]))
+
+
 @app.command()
 def version() -> None:
     """Print the version."""
     typer.echo(__version__)
+
+
+@app.command("convert")
+def convert_image(
+    source: str = typer.Argument(..., metavar="SOURCE_REF"),
+    target: str = typer.Argument(..., metavar="TARGET_REF"),
+    compressor: str = typer.Option("zstd", "--compressor", help="zstd, lz4_block or none"),
+    chunk_size: int = typer.Option(1 << 20, "--chunk-size", metavar="N",
+                                   help="bytes per chunk, a power of two (4 KiB .. 16 MiB)"),
+    digester: str = typer.Option("blake3", "--digester", help="blake3 or sha256"),
+    platform: Optional[str] = typer.Option(  # noqa: UP045 - typer reads this annotation
+        None, "--platform", metavar="OS/ARCH[/VARIANT]",
+        help="which image of a multi-platform source (default: linux/<this machine>)"),
+    insecure_registry: Optional[list[str]] = typer.Option(  # noqa: UP045
+        None, "--insecure-registry", metavar="HOST:PORT",
+        help="reach this registry over plain HTTP (repeatable; localhost always is)"),
+) -> None:
+    """Convert an OCI or Docker image into a Nydus (RAFS v6) image and push it as TARGET_REF."""
+    from d7y_node.convert import ConvertOptions, convert
+    from d7y_node.oci import default_platform
+    from d7y_node.preheat import Platform
+    from d7y_node.rafs.chunks import Compressor, Digester
+
+    if compressor not in ("zstd", "lz4_block", "none"):
+        raise ConfigError("--compressor", f"{compressor!r} is not zstd, lz4_block or none")
+    if digester not in ("blake3", "sha256"):
+        raise ConfigError("--digester", f"{digester!r} is not blake3 or sha256")
+    try:
+        chosen = Platform.parse(platform) if platform else default_platform()
+    except D7yError as err:
+        raise ConfigError("--platform", str(err)) from None
+    options = ConvertOptions(
+        compressor=Compressor(compressor), chunk_size=chunk_size, digester=Digester(digester),
+        platform=chosen, insecure_registries=tuple(insecure_registry or ()),
+    )
+    try:
+        options.writer_options()
+    except D7yError as err:
+        raise ConfigError("--chunk-size", str(err)) from None
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    result = asyncio.run(convert(source, target, options, progress=progress))
+    typer.echo(result.manifest_digest)
 
 
 def main() -> None:

@@ -55,6 +55,7 @@ from d7y_node.peer import (
     task_key_for,
 )
 from d7y_node.piece_store import PieceStore
+from d7y_node.preheat import register_commands
 from d7y_node.proxy import ProxyServer
 from d7y_node.registry import RegistryClient
 from d7y_node.scheduler import Tracker
@@ -286,6 +287,7 @@ class Node:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/status", self._status)
         self.peer_server.register(app)
+        register_commands(app, self)  # `get` and `preheat` (fetch.py, preheat.py)
         return app
 
     # -- the cluster ---------------------------------------------------------------------------
