@@ -41,6 +41,9 @@ class GossipConfig:
     push_pull_interval: float = 30.0
     # Try to reach one dead member this often, so a healed partition merges back.
     reconnect_interval: float = 30.0
+    # While no other member is alive, contact the join seeds again this often (one small packet
+    # per seed), so hosts started at the same moment form a cluster within about a second.
+    rejoin_interval: float = 1.0
     # How long a dead member stays listed (and reconnect is tried) before it is forgotten:
     # a partition lasting longer than this needs a new `join` to heal.
     dead_member_retention: float = 3600.0
@@ -62,6 +65,7 @@ class GossipConfig:
             "gossip_to_the_dead_time",
             "push_pull_interval",
             "reconnect_interval",
+            "rejoin_interval",
             "dead_member_retention",
             "left_member_retention",
             "stream_timeout",

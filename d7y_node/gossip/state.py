@@ -245,6 +245,7 @@ class Membership:
             self._push_pull_random,
         )
         self._every("reconnect", lambda: config.reconnect_interval, self._reconnect)
+        self._every("rejoin", lambda: config.rejoin_interval, self._rejoin)
 
     def join(self, seeds: Iterable[Address]) -> None:
         """Contact `seeds` (gossip addresses of any members): each answers with its own alive
@@ -698,8 +699,7 @@ class Membership:
                 self._on_suspect(Suspect(record.incarnation, record.member_id, self.member_id))
 
     def _reconnect(self) -> None:
-        """Reach out to one random dead member (it may be behind a healed partition), and to
-        the seeds if nobody else is alive."""
+        """Reach out to one random dead member (it may be behind a healed partition)."""
         dead = [entry for entry in self._entries.values() if entry.state is MemberState.DEAD]
         if dead:
             target = self._random.choice(dead)
@@ -708,6 +708,10 @@ class Membership:
             ping = Ping(self._next_sequence(), target.member_id, self.member_id, self.local.address)
             self._send(target.address, [self._accusation(target), ping])
             self._push_pull(target, join=False)
+
+    def _rejoin(self) -> None:
+        """Contact the seeds again while nobody else is alive: hosts started together find
+        each other as soon as the first seed is up, not a reconnect interval later."""
         alone = not any(
             entry.state in _LIVE
             for entry in self._entries.values()

@@ -271,3 +271,18 @@ def test_update_before_start_changes_what_is_announced() -> None:
         timeout=3.0,
     )
     assert view(fresh, "m001").incarnation == 1
+
+
+def test_members_started_before_their_seed_join_it_within_seconds() -> None:
+    # Hosts started at the same moment: the joiners' first pings find no seed yet.
+    cluster = Cluster(seed=5)
+    seed = cluster.add(start=False)
+    joiners = [cluster.add() for _ in range(3)]
+    for joiner in joiners:
+        joiner.join([seed.local.address])
+    cluster.clock.advance(5.0)
+    seed.start()
+    started = cluster.clock.now()
+    assert cluster.clock.run_until(cluster.converged, timeout=30.0)
+    # The rejoin interval (1 s), not the 30 s reconnect interval, bounds the wait.
+    assert cluster.clock.now() - started < 2.5
