@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 import yaml
@@ -290,9 +290,11 @@ def convert_image(
     platform: Optional[str] = typer.Option(  # noqa: UP045 - typer reads this annotation
         None, "--platform", metavar="OS/ARCH[/VARIANT]",
         help="which image of a multi-platform source (default: linux/<this machine>)"),
-    insecure_registry: Optional[list[str]] = typer.Option(  # noqa: UP045
-        None, "--insecure-registry", metavar="HOST:PORT",
-        help="reach this registry over plain HTTP (repeatable; localhost always is)"),
+    insecure_registry: Annotated[
+        Optional[list[str]],  # noqa: UP045 - typer reads this annotation at run time
+        typer.Option("--insecure-registry", metavar="HOST:PORT",
+                     help="reach this registry over plain HTTP (repeatable; localhost always is)"),
+    ] = None,
 ) -> None:
     """Convert an OCI or Docker image into a Nydus (RAFS v6) image and push it as TARGET_REF."""
     from d7y_node.convert import ConvertOptions, convert
@@ -322,6 +324,152 @@ def convert_image(
 
     result = asyncio.run(convert(source, target, options, progress=progress))
     typer.echo(result.manifest_digest)
+
+
+def _mount_target(
+    config_file: Path | None, flags: dict[str, Any]
+) -> tuple[NodeConfig, str | None, Any]:
+    """The node settings, the running node's base URL (None: no node runs on the data dir)
+    and the request signer, for `mount` and `umount`."""
+    from d7y_node.mounts import find_node
+    from d7y_node.node import read_cluster_key
+    from d7y_node.peer import PeerAuth
+
+    node = flags.pop("node", None)
+    peer = flags.pop("peer", None) or node
+    config = resolve(config_file, flags)
+    configured = status_url(config, None).removeprefix("http://").removesuffix("/status")
+    base = find_node(config.store.data_dir, peer, configured)
+    key = read_cluster_key(config.cluster)
+    return config, base, PeerAuth(key) if key is not None else None
+
+
+def mount(arguments: list[str], config_file: Path | None = None, **flags: Any) -> None:
+    """Mount a Nydus image (SOURCE: an image reference, fetched through the node) or a local
+    bootstrap and blob directory (--bootstrap, --blob-dir) read-only at MOUNTPOINT.
+
+    The node running on this host serves the mount and this returns once it is ready; with
+    --foreground, or when no node runs, this command serves it until unmounted (Ctrl-C).
+    """
+    import dataclasses
+
+    from d7y_node.mounts import MountSpec, request_mount, serve_foreground
+    from d7y_node.nydusd_config import load_nydusd_config
+
+    bootstrap, blob_dir = flags.pop("bootstrap", None), flags.pop("blob_dir", None)
+    foreground = bool(flags.pop("foreground", False))
+    nydusd_config = flags.pop("nydusd_config", None)
+    no_prefetch = bool(flags.pop("no_prefetch", False))
+    if len(arguments) == 1:
+        source, mountpoint = None, arguments[0]
+    elif len(arguments) == 2:
+        source, mountpoint = arguments
+    else:
+        raise ConfigError("mount", "expected [SOURCE] MOUNTPOINT")
+    if (source is None) == (bootstrap is None and blob_dir is None):
+        raise ConfigError("mount", "give SOURCE, or --bootstrap and --blob-dir (not both)")
+    if source is None and (bootstrap is None or blob_dir is None):
+        raise ConfigError("mount", "--bootstrap and --blob-dir go together")
+    spec = MountSpec(
+        mountpoint=str(Path(mountpoint).absolute()), image=source,
+        bootstrap=str(Path(bootstrap).absolute()) if bootstrap else None,
+        blob_dir=str(Path(blob_dir).absolute()) if blob_dir else None,
+    )
+    if nydusd_config is not None:
+        settings = load_nydusd_config(nydusd_config)
+        for warning in settings.warnings:
+            print(f"d7y-node: warning: {warning}", file=sys.stderr)
+        changes: dict[str, Any] = {
+            name: value for name, value in (
+                ("registry", settings.registry), ("repository", settings.repository),
+                ("authorization", settings.authorization),
+                ("prefetch_files", settings.prefetch_files),
+                ("prefetch_blobs", settings.prefetch_blobs),
+                ("prefetch_bandwidth", settings.prefetch_bandwidth),
+            ) if value is not None
+        }
+        spec = dataclasses.replace(spec, **changes)
+    if no_prefetch:
+        spec = dataclasses.replace(spec, prefetch_files=False, prefetch_blobs=False)
+    try:
+        spec.check()
+    except D7yError as err:
+        raise ConfigError("mount", str(err)) from None
+    config, base, auth = _mount_target(config_file, flags)
+    if base is not None and not foreground:
+        request_mount(base, spec, auth)
+        typer.echo(f"mounted {spec.mountpoint} (served by the node at {base})")
+        return
+
+    def ready() -> None:
+        print(f"mounted {spec.mountpoint}; serving until unmounted", file=sys.stderr, flush=True)
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve_foreground(spec, config, ready=ready))
+
+
+def _node_option() -> inspect.Parameter:
+    return inspect.Parameter(
+        "node", inspect.Parameter.KEYWORD_ONLY,
+        annotation=Optional[str],  # noqa: UP045 - typer reads this annotation at run time
+        default=typer.Option(None, "--node", metavar="HOST:PORT",
+                             help="the node's peer address (as --peer; default: the node "
+                                  "running on the data dir)"),
+    )
+
+
+def _optional_path_option(name: str, flag: str, help_text: str) -> inspect.Parameter:
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY,
+        annotation=Optional[str],  # noqa: UP045 - typer reads this annotation at run time
+        default=typer.Option(None, flag, metavar="PATH", help=help_text),
+    )
+
+
+app.command("mount")(_command_options(mount, [
+    inspect.Parameter("arguments", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=list[str],
+                      default=typer.Argument(..., metavar="[SOURCE] MOUNTPOINT")),
+    _optional_path_option("bootstrap", "--bootstrap", "a local RAFS bootstrap file"),
+    _optional_path_option("blob_dir", "--blob-dir",
+                          "the directory of the bootstrap's blobs (files named by blob id)"),
+    _optional_path_option("nydusd_config", "--nydusd-config",
+                          "a nydusd JSON config: registry, repo, auth and prefetch apply"),
+    _node_option(),
+    inspect.Parameter(
+        "foreground", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+        default=typer.Option(False, "--foreground",
+                             help="serve the mount in this process until unmounted"),
+    ),
+    inspect.Parameter(
+        "no_prefetch", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+        default=typer.Option(False, "--no-prefetch",
+                             help="fetch only what is read (no prefetch-table prefetch)"),
+    ),
+]))
+
+
+def umount(mountpoint: str, config_file: Path | None = None, **flags: Any) -> None:
+    """End a mount made by `d7y-node mount`, served by the node or by a foreground command."""
+    from d7y_node.errors import NodeUnreachable
+    from d7y_node.mounts import request_unmount, unmount_directly
+
+    config, base, auth = _mount_target(config_file, flags)
+    path = str(Path(mountpoint).absolute())
+    if base is not None:
+        try:
+            if request_unmount(base, path, auth):
+                return
+        except NodeUnreachable as err:
+            print(f"d7y-node: warning: {err}; unmounting directly", file=sys.stderr)
+    unmount_directly(config.store.data_dir, path)
+
+
+app.command("umount")(_command_options(umount, [
+    inspect.Parameter("mountpoint", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
+                      default=typer.Argument(..., metavar="MOUNTPOINT")),
+    _node_option(),
+]))
 
 
 def main() -> None:

@@ -96,3 +96,7 @@ class PeerBusy(PeerFailed):
 class PieceCorrupt(PeerFailed):
     """A peer's piece does not hash to the xxh3 it came with: that peer is dropped for the task
     and the piece is fetched elsewhere."""
+
+
+class NodeUnreachable(D7yError):
+    """A command could not reach the running node's peer port (refused, timed out)."""

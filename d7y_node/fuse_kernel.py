@@ -757,21 +757,28 @@ def _unescape_mount_path(field: bytes) -> bytes:
         b"\\012", b"\n").replace(b"\\134", b"\\")
 
 
-async def clean_stale_mount(mountpoint: str) -> bool:
+def clean_if_dead(mountpoint: str) -> bool:
     """Unmount `mountpoint` if it is a FUSE mount whose server is gone (ENOTCONN), as a crash
-    leaves it; True if one was cleaned. A live mount, or no mount, is left alone."""
+    leaves it; True if one was cleaned. A live mount, or no mount, is left alone. Blocking.
 
-    def clean() -> bool:
-        try:
-            os.stat(mountpoint)
-        except OSError as error:
-            if error.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
-                raise
-            unmount(mountpoint, lazy=True)
-            return True
+    Asks with statfs, which the kernel always sends to the server: a `stat` may be answered from
+    attributes cached while the server lived (they are kept for a day), so it does not tell a
+    dead mount."""
+    if not is_mount_point(mountpoint):
         return False
+    try:
+        os.statvfs(mountpoint)
+    except OSError as error:
+        if error.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
+            raise
+        unmount(mountpoint, lazy=True)
+        return True
+    return False
 
-    return await asyncio.to_thread(clean)
+
+async def clean_stale_mount(mountpoint: str) -> bool:
+    """`clean_if_dead` off the loop."""
+    return await asyncio.to_thread(clean_if_dead, mountpoint)
 
 
 __all__ = [
@@ -784,6 +791,7 @@ __all__ = [
     "MountRequest",
     "Opened",
     "Operations",
+    "clean_if_dead",
     "clean_stale_mount",
     "encode_device",
     "is_mount_point",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import fcntl
 import ipaddress
 import logging
@@ -45,6 +46,7 @@ from d7y_node.gossip import (
 )
 from d7y_node.gossip.messages import Address, Load, MemberState
 from d7y_node.metrics import Metrics, StatSample
+from d7y_node.mounts import ImageResolver, MountManager
 from d7y_node.p2p import ClusterScheduler, RegistryOrigins
 from d7y_node.peer import (
     HttpStreamTransport,
@@ -136,6 +138,19 @@ def read_cluster_key(cluster: ClusterConfig) -> ClusterKey | None:
     return ClusterKey(secret)
 
 
+def release_free_heap() -> None:
+    """Hand the heap that start-up freed (imports, reloading the store) back to the kernel.
+
+    glibc keeps freed heap pages mapped; an idle node would otherwise carry a couple of MB of
+    start-up garbage in its RSS for good. Does nothing where glibc is not the C library."""
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
+
+
 class DataDirLock:
     """An exclusive `flock` on the data dir, so two nodes never share one piece store."""
 
@@ -208,6 +223,13 @@ class Node:
         self._udp: UdpTransport | None = None
         self._join_task: asyncio.Task[None] | None = None
         self.metrics.observe(self._cluster_samples)
+        # Mounts served by this node (`d7y-node mount`): unmounted on stop, stale ones cleaned
+        # at start.
+        self.mounts = MountManager(
+            config.store.data_dir, auth=self.peer_auth,
+            resolver=ImageResolver(self.registry, self.tasks, config.store.data_dir,
+                                   config.registry.insecure_registries),
+        )
 
     async def start(self) -> None:
         """Start every service; returns once both ports accept connections."""
@@ -215,15 +237,18 @@ class Node:
         try:
             await self.store.open()
             await self.tasks.start()
+            await self.mounts.clean_stale()
             self.member_id = node_id_for(self.config.store.data_dir, self.config.cluster.node_id)
             self._build_cluster()
             self.proxy_address = await self._serve(self.proxy.app(), self.config.proxy.listen)
             self.peer_address = await self._serve(self._peer_app(), self.config.peer_listen)
+            self.mounts.advertise(self.peer_address)
             await self._start_gossip()
         except BaseException:
             await self.stop()
             raise
         self._ready = True
+        release_free_heap()
         log.info(
             "d7y-node %s ready: mirror on %s, peer on %s, gossip on %s as %s, data in %s",
             __version__, self.proxy_address, self.peer_address, self.gossip_address,
@@ -238,7 +263,7 @@ class Node:
             with contextlib.suppress(Exception):
                 await runner.cleanup()
         self._runners.clear()
-        for step in (self.tasks.close, self._close_cluster, self.registry.close,
+        for step in (self.mounts.close, self.tasks.close, self._close_cluster, self.registry.close,
                      self.store.close):
             try:
                 await step()
@@ -288,6 +313,7 @@ class Node:
         app.router.add_get("/status", self._status)
         self.peer_server.register(app)
         register_commands(app, self)  # `get` and `preheat` (fetch.py, preheat.py)
+        self.mounts.register(app)  # `mount` and `umount` (mounts.py)
         return app
 
     # -- the cluster ---------------------------------------------------------------------------
