@@ -141,12 +141,16 @@ def status(config_file: Path | None = None, **flags: Any) -> None:
     import urllib.error
     import urllib.request
 
-    peer = flags.pop("peer", None)
+    from d7y_node.peer import AUTH_HEADER
+
     as_json = bool(flags.pop("json", False))
-    config = resolve(config_file, flags)
-    url = status_url(config, peer)
+    base, auth = _node_client(config_file, flags)
+    url = f"{base}/status"
+    request = urllib.request.Request(url)
+    if auth is not None:
+        request.add_header(AUTH_HEADER, auth.sign("GET", "/status"))
     try:
-        with urllib.request.urlopen(url, timeout=STATUS_TIMEOUT_SECONDS) as response:
+        with urllib.request.urlopen(request, timeout=STATUS_TIMEOUT_SECONDS) as response:
             body = json.loads(response.read())
     except (OSError, ValueError) as err:
         raise D7yError(f"cannot read the node's status at {url}: {err}") from None

@@ -49,6 +49,7 @@ from d7y_node.metrics import Metrics, StatSample
 from d7y_node.mounts import ImageResolver, MountManager
 from d7y_node.p2p import ClusterScheduler, RegistryOrigins
 from d7y_node.peer import (
+    AUTH_HEADER,
     HttpStreamTransport,
     PeerAuth,
     PeerClient,
@@ -539,6 +540,17 @@ class Node:
         }
 
     async def _status(self, request: web.Request) -> web.Response:
+        # With a cluster key, the member list and task digests are for the cluster's eyes only
+        # (`d7y-node status` signs its request); /healthz and /metrics stay open for probes.
+        if self.peer_auth is not None:
+            refused = self.peer_auth.check(
+                request.method, request.raw_path, request.headers.get(AUTH_HEADER), b""
+            )
+            if refused is not None:
+                return web.json_response(
+                    {"errors": [{"code": "UNAUTHORIZED", "message": f"peer auth {refused}"}]},
+                    status=401,
+                )
         return web.json_response(self.status())
 
     async def _healthz(self, request: web.Request) -> web.Response:

@@ -31,7 +31,7 @@ from d7y_node.gossip.messages import Address, Load, MemberState
 from d7y_node.metrics import Metrics
 from d7y_node.node import Node
 from d7y_node.p2p import ClusterScheduler, RegistryOrigins
-from d7y_node.peer import PeerClient, PeerServer, TaskManagerPieces, task_key_for
+from d7y_node.peer import AUTH_HEADER, PeerClient, PeerServer, TaskManagerPieces, task_key_for
 from d7y_node.piece_store import MIB, PieceStore
 from d7y_node.proxy import REPOSITORY_ATTRIBUTE, UPSTREAM_ATTRIBUTE
 from d7y_node.registry import OriginBlob, RegistryClient, Upstream
@@ -287,6 +287,19 @@ async def test_a_node_with_another_cluster_key_is_never_admitted(tmp_path: Path)
         with pytest.raises(PeerFailed, match="401"):
             await nodes[2].peer_client.task_state(address, "0" * 64)
         assert nodes[0].peer_server.stats.unauthenticated["invalid"] == 1
+        # /status is keyed as well: unsigned or wrongly signed asks are refused.
+        status_url = f"http://{nodes[0].peer_address}/status"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(status_url) as response:
+                assert response.status == 401
+            assert nodes[2].peer_auth is not None and nodes[1].peer_auth is not None
+            wrong = {AUTH_HEADER: nodes[2].peer_auth.sign("GET", "/status")}
+            async with session.get(status_url, headers=wrong) as response:
+                assert response.status == 401
+            right = {AUTH_HEADER: nodes[1].peer_auth.sign("GET", "/status")}
+            async with session.get(status_url, headers=right) as response:
+                assert response.status == 200
+                assert {m["id"] for m in (await response.json())["members"]} >= {"a", "b"}
     finally:
         for node in reversed(nodes):
             await node.stop()
