@@ -42,6 +42,7 @@ import os
 import secrets
 import signal
 import tarfile
+import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -761,8 +762,30 @@ def request_unmount(base: str, mountpoint: str, auth: PeerAuth | None) -> bool:
     return True
 
 
+# A foreground server asked to stop gets this long to unmount and exit before the mount is
+# detached from outside.
+FOREGROUND_STOP_SECONDS = 10.0
+
+
 def unmount_directly(data_dir: Path, mountpoint: str) -> None:
-    """Unmount without a node (a foreground mount, or one a dead server left)."""
+    """Unmount without a node (a foreground mount, or one a dead server left).
+
+    A live foreground server is asked to stop (SIGTERM, as nydusd is): it unmounts and exits on
+    its own, instead of waiting for the kernel to tell it that a detached mount is gone."""
+    record = MountRecords(data_dir).get(mountpoint)
+    if (
+        record is not None
+        and record.served_by == SERVED_BY_FOREGROUND
+        and record.pid != os.getpid()
+        and _process_alive(record.pid)
+    ):
+        os.kill(record.pid, signal.SIGTERM)
+        deadline = time.monotonic() + FOREGROUND_STOP_SECONDS
+        while time.monotonic() < deadline and fuse_kernel.is_mount_point(mountpoint):
+            time.sleep(0.05)
+        if not fuse_kernel.is_mount_point(mountpoint):
+            MountRecords(data_dir).remove(mountpoint)
+            return
     try:
         fuse_kernel.unmount(mountpoint, lazy=True)
     except OSError as err:
