@@ -4,7 +4,7 @@
 # Python venv module. Idempotent: installs only what is missing. Needs root (or sudo).
 set -euo pipefail
 packages=(docker-registry containerd runc skopeo busybox-static apache2-utils curl iproute2
-          openssl python3-venv ca-certificates nftables fuse3)
+          openssl python3-venv ca-certificates nftables fuse3 debootstrap)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
