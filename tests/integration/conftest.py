@@ -17,6 +17,7 @@ import pytest
 
 from tests.harness.containerd import Containerd
 from tests.harness.images import BuiltImage, big_image, small_image
+from tests.harness.netns import NetworkLab
 from tests.harness.node import Node
 from tests.harness.origins import FaultyOrigin
 from tests.harness.registry import BasicAuth, Registry, TokenAuth
@@ -42,6 +43,20 @@ def _test_failed(request: pytest.FixtureRequest) -> bool:
         getattr(getattr(request.node, f"report_{when}", None), "failed", False)
         for when in ("setup", "call")
     )
+
+
+@pytest.fixture
+def lab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[NetworkLab]:
+    """An open network-namespace lab (tests/harness/netns.py), closed after the test whatever
+    happened (a finalizer backs up the `with`); a failing test gets every process's log tail."""
+    network_lab = NetworkLab(tmp_path / "lab")
+    request.addfinalizer(network_lab.close)
+    with network_lab:
+        try:
+            yield network_lab
+        finally:
+            if _test_failed(request):
+                print(network_lab.log_tails())
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ import json
 import re
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -59,18 +58,6 @@ PARTITION_SECONDS = 40.0
 SHORT_HOME_TIMEOUT = "2s"
 CLUSTER_SECRET = "the cluster's key\n"
 OTHER_SECRET = "another cluster's key\n"
-
-
-@pytest.fixture
-def lab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[NetworkLab]:
-    network_lab = NetworkLab(tmp_path / "lab")
-    request.addfinalizer(network_lab.close)
-    with network_lab:
-        try:
-            yield network_lab
-        except BaseException:
-            print(network_lab.log_tails())
-            raise
 
 
 def start_cluster_node(

@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -55,19 +54,6 @@ CEILING_RUNS = 3
 BLOCKED_PROBE_SECONDS = 0.5
 # http.server starts in a fraction of a second.
 SERVER_START_SECONDS = 10.0
-
-
-@pytest.fixture
-def lab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[NetworkLab]:
-    """An open lab; closed after the test whatever happened (a finalizer backs up the `with`)."""
-    network_lab = NetworkLab(tmp_path / "lab")
-    request.addfinalizer(network_lab.close)
-    with network_lab:
-        try:
-            yield network_lab
-        finally:
-            if getattr(getattr(request.node, "report_call", None), "failed", False):
-                print(network_lab.log_tails())
 
 
 def _serve_directory(lab: NetworkLab, host: Host, directory: Path, port: int = 8080) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -48,18 +47,6 @@ CONVERGE_SECONDS = 30.0
 # Home timeout given to the nodes: far above a piece's fetch time at ORIGIN_RATE, so a fallback
 # to origin in these tests is a bug, not slowness.
 HOME_TIMEOUT = "30s"
-
-
-@pytest.fixture
-def lab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[NetworkLab]:
-    network_lab = NetworkLab(tmp_path / "lab")
-    request.addfinalizer(network_lab.close)
-    with network_lab:
-        try:
-            yield network_lab
-        except BaseException:
-            print(network_lab.log_tails())
-            raise
 
 
 @pytest.fixture
