@@ -43,7 +43,6 @@ import hashlib
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import subprocess
@@ -60,6 +59,8 @@ from typing import Any
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
 if str(REPOSITORY_ROOT) not in sys.path:
     sys.path.insert(0, str(REPOSITORY_ROOT))
+
+from benchlib import BenchFailed, log, size_argument  # noqa: E402 (after the sys.path setup)
 
 from tests.harness.images import (  # noqa: E402 (the repository root must be on sys.path first)
     MEDIA_TYPE_CONFIG,
@@ -120,13 +121,6 @@ READ_REPEATS = 3
 TMPFS_DIR = Path("/dev/shm")
 COMMAND_TIMEOUT_SECONDS = 30.0
 
-SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-SIZE_UNITS = {
-    "": 1, "B": 1,
-    "K": 1 << 10, "KIB": 1 << 10, "KB": 10**3,
-    "M": 1 << 20, "MIB": 1 << 20, "MB": 10**6,
-    "G": 1 << 30, "GIB": 1 << 30, "GB": 10**9,
-}
 
 RANDOM_READ_PROGRAM = """
 import os, random, sys, time
@@ -143,31 +137,11 @@ print(time.perf_counter() - started)
 """
 
 
-class BenchFailed(Exception):
-    """Something broke (as opposed to a target being missed): the run cannot be trusted."""
-
-
 class Interrupted(BaseException):
     """SIGTERM or SIGHUP reached the benchmark; handled like Ctrl-C."""
 
 
-def parse_size(text: str) -> int:
-    """`1GiB`, `256MiB` or plain bytes; binary units unless written `KB`, `MB`, `GB`."""
-    match = SIZE_PATTERN.match(text)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 1GiB)")
-    number, unit = match.groups()
-    multiplier = SIZE_UNITS.get((unit or "").upper())
-    if multiplier is None:
-        raise argparse.ArgumentTypeError(f"unknown size unit in {text!r}")
-    size = int(float(number) * multiplier)
-    if size < RANDOM_READ_BYTES:
-        raise argparse.ArgumentTypeError(f"size must be at least {RANDOM_READ_BYTES}")
-    return size
 
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def run_command(argv: Sequence[str], *, timeout: float = COMMAND_TIMEOUT_SECONDS,
@@ -641,7 +615,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Lazy-loading benchmark: a Nydus mount through d7y-node vs. a full pull "
                     "behind a slow origin, and FUSE read throughput vs. the host. Needs root; "
                     "run from the repository root.")
-    parser.add_argument("--size", type=parse_size, default=GIBIBYTE,
+    parser.add_argument("--size", type=size_argument(RANDOM_READ_BYTES), default=GIBIBYTE,
                         help="the FUSE test file, e.g. 1GiB (default) or 256MiB")
     parser.add_argument("--origin-mbit", type=float, default=ISSUE_ORIGIN_MBIT,
                         help="the registry's link in Mbit/s (default 100)")

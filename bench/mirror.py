@@ -65,6 +65,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from benchlib import BenchFailed, log, size_argument
+
 REGISTRY_BINARY = "/usr/bin/docker-registry"
 REPOSITORY = "bench/blob"
 LOOPBACK = "127.0.0.1"
@@ -110,27 +112,6 @@ PROFILE_TOP_COUNT = 12
 # py-spy needs a moment to attach to the node before a profiled phase starts.
 PROFILE_ATTACH_SECONDS = 0.5
 
-SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-SIZE_UNITS = {
-    "": 1,
-    "B": 1,
-    "K": 1 << 10,
-    "KIB": 1 << 10,
-    "KB": 10**3,
-    "M": 1 << 20,
-    "MIB": 1 << 20,
-    "MB": 10**6,
-    "G": 1 << 30,
-    "GIB": 1 << 30,
-    "GB": 10**9,
-    "T": 1 << 40,
-    "TIB": 1 << 40,
-    "TB": 10**12,
-}
-
-
-class BenchFailed(Exception):
-    """Something broke (as opposed to a target being missed): the run cannot be trusted."""
 
 
 class Interrupted(Exception):
@@ -139,21 +120,6 @@ class Interrupted(Exception):
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers
-
-
-def parse_size(text: str) -> int:
-    """`1GiB`, `256MiB`, `512M` or plain bytes; binary units unless written `KB`, `MB`, `GB`."""
-    match = SIZE_PATTERN.match(text)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 1GiB or 256MiB)")
-    number, unit = match.groups()
-    multiplier = SIZE_UNITS.get((unit or "").upper())
-    if multiplier is None:
-        raise argparse.ArgumentTypeError(f"unknown size unit in {text!r}")
-    size = int(float(number) * multiplier)
-    if size <= 0:
-        raise argparse.ArgumentTypeError("size must be positive")
-    return size
 
 
 def free_port(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
@@ -166,10 +132,6 @@ def free_port(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
 
 def megabytes_per_second(byte_count: int, seconds: float) -> float:
     return byte_count / seconds / MEGABYTE if seconds > 0 else 0.0
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def tail(path: Path, lines: int = 20) -> str:
@@ -1581,8 +1543,8 @@ Examples:
     )
     parser.add_argument(
         "--size",
-        type=parse_size,
-        default=parse_size("1GiB"),
+        type=size_argument(),
+        default=1 << 30,
         help="blob size, e.g. 1GiB (default), 256MiB",
     )
     parser.add_argument(

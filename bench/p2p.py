@@ -43,7 +43,6 @@ import http.client
 import json
 import os
 import platform
-import re
 import resource
 import shutil
 import signal
@@ -64,6 +63,8 @@ from typing import Any
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
 if str(REPOSITORY_ROOT) not in sys.path:
     sys.path.insert(0, str(REPOSITORY_ROOT))
+
+from benchlib import BenchFailed, log, size_argument  # noqa: E402 (after the sys.path setup)
 
 from tests.harness.netns import (  # noqa: E402 (the repository root must be on sys.path first)
     GOSSIP_PORT,
@@ -110,17 +111,6 @@ NODE_LOG_LEVEL = "info"
 # Interfaces answer `ip -s` in milliseconds; this bounds a wedged command.
 COMMAND_TIMEOUT_SECONDS = 10.0
 
-SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-SIZE_UNITS = {
-    "": 1, "B": 1,
-    "K": 1 << 10, "KIB": 1 << 10, "KB": 10**3,
-    "M": 1 << 20, "MIB": 1 << 20, "MB": 10**6,
-    "G": 1 << 30, "GIB": 1 << 30, "GB": 10**9,
-}
-
-
-class BenchFailed(Exception):
-    """Something broke (as opposed to a target being missed): the run cannot be trusted."""
 
 
 class Interrupted(BaseException):
@@ -131,23 +121,7 @@ class Interrupted(BaseException):
 # Small helpers
 
 
-def parse_size(text: str) -> int:
-    """`256MiB`, `1GiB`, `64M` or plain bytes; binary units unless written `KB`, `MB`, `GB`."""
-    match = SIZE_PATTERN.match(text)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 256MiB)")
-    number, unit = match.groups()
-    multiplier = SIZE_UNITS.get((unit or "").upper())
-    if multiplier is None:
-        raise argparse.ArgumentTypeError(f"unknown size unit in {text!r}")
-    size = int(float(number) * multiplier)
-    if size <= 0:
-        raise argparse.ArgumentTypeError("size must be positive")
-    return size
 
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def sha256_of(path: Path) -> str:
@@ -715,7 +689,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
                     "from the repository root.",
     )
     parser.add_argument("--hosts", type=int, default=8, help="hosts pulling (default 8)")
-    parser.add_argument("--size", type=parse_size, default=256 * MEBIBYTE,
+    parser.add_argument("--size", type=size_argument(), default=256 * MEBIBYTE,
                         help="blob size, e.g. 256MiB (default) or 64MiB")
     parser.add_argument("--origin-mbit", type=float, default=ISSUE_ORIGIN_MBIT,
                         help="the registry's link in Mbit/s (default 100)")
