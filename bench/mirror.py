@@ -59,7 +59,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -821,6 +821,38 @@ def summarize_profile(phase: str, path: Path, seconds: float) -> ProfileSummary:
     return ProfileSummary(phase=phase, path=str(path), seconds=seconds, groups=groups)
 
 
+@contextlib.contextmanager
+def recording(
+    processes: Processes, command: list[str], error_log: Path
+) -> Iterator[Callable[[], float]]:
+    """Run a sampling profiler (`command`) around one phase; stop it with SIGINT (so it writes
+    its output) when the phase ends. Yields a function giving the phase's seconds."""
+    with error_log.open("wb") as error_file:
+        recorder = processes.spawn(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=error_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    # A profiler needs a moment to attach before the phase starts.
+    time.sleep(PROFILE_ATTACH_SECONDS)
+    started = time.monotonic()
+    seconds: list[float] = []
+    try:
+        yield lambda: seconds[0]
+    finally:
+        seconds.append(time.monotonic() - started)
+        with contextlib.suppress(ProcessLookupError):
+            recorder.send_signal(signal.SIGINT)
+        try:
+            recorder.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            recorder.kill()
+            recorder.wait()
+        processes.reap(recorder)
+
+
 class Profiler:
     """Runs `py-spy record` on the node for one phase at a time (only with --profile)."""
 
@@ -859,32 +891,11 @@ class Profiler:
         ]
         if self.native:
             command.append("--native")
-        with error_log.open("wb") as error_file:
-            recorder = self.processes.spawn(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=error_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        # py-spy needs a moment to attach before the phase starts.
-        time.sleep(PROFILE_ATTACH_SECONDS)
-        started = time.monotonic()
-        try:
+        with recording(self.processes, command, error_log) as elapsed:
             yield
-        finally:
-            seconds = time.monotonic() - started
-            with contextlib.suppress(ProcessLookupError):
-                recorder.send_signal(signal.SIGINT)
-            try:
-                recorder.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                recorder.kill()
-                recorder.wait()
-            self.processes.reap(recorder)
-            if not output.exists():
-                log(f"py-spy wrote no profile for {name}; see {error_log}:\n{tail(error_log)}")
-            self.summaries.append(summarize_profile(name, output, seconds))
+        if not output.exists():
+            log(f"py-spy wrote no profile for {name}; see {error_log}:\n{tail(error_log)}")
+        self.summaries.append(summarize_profile(name, output, elapsed()))
 
 
 PERF_LINE_PATTERN = re.compile(r"^\s*(?P<share>\d+(?:\.\d+)?)%\s+(?P<rest>.+?)\s*$")
@@ -947,40 +958,21 @@ class PerfProfiler:
         self.directory.mkdir(parents=True, exist_ok=True)
         output = self.directory / f"{name}.perf.data"
         error_log = self.directory / f"{name}.perf.log"
-        with error_log.open("wb") as error_file:
-            recorder = self.processes.spawn(
-                ["perf", "record", "-F", str(PERF_RATE_HZ), "-p", str(pid), "-o", str(output)],
-                stdin=subprocess.DEVNULL,
-                stdout=error_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        time.sleep(PROFILE_ATTACH_SECONDS)
-        started = time.monotonic()
-        try:
+        command = ["perf", "record", "-F", str(PERF_RATE_HZ), "-p", str(pid), "-o", str(output)]
+        with recording(self.processes, command, error_log) as elapsed:
             yield
-        finally:
-            seconds = time.monotonic() - started
-            with contextlib.suppress(ProcessLookupError):
-                recorder.send_signal(signal.SIGINT)
-            try:
-                recorder.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                recorder.kill()
-                recorder.wait()
-            self.processes.reap(recorder)
-            if output.exists():
-                self.summaries.append(
-                    PerfSummary(
-                        phase=name,
-                        path=str(output),
-                        seconds=seconds,
-                        by_object=perf_report(output, "dso"),
-                        by_function=perf_report(output, "dso,sym"),
-                    )
+        if output.exists():
+            self.summaries.append(
+                PerfSummary(
+                    phase=name,
+                    path=str(output),
+                    seconds=elapsed(),
+                    by_object=perf_report(output, "dso"),
+                    by_function=perf_report(output, "dso,sym"),
                 )
-            else:
-                log(f"perf wrote nothing for {name}; see {error_log}:\n{tail(error_log)}")
+            )
+        else:
+            log(f"perf wrote nothing for {name}; see {error_log}:\n{tail(error_log)}")
 
 
 # ---------------------------------------------------------------------------------------------
