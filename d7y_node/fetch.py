@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import ipaddress
 import json
 import logging
 import os
@@ -69,7 +68,7 @@ from d7y_node.errors import (
 from d7y_node.gossip.messages import MemberState
 from d7y_node.gossip.state import Membership
 from d7y_node.p2p import ClusterScheduler
-from d7y_node.peer import AUTH_HEADER, PeerAuth, task_key_for
+from d7y_node.peer import AUTH_HEADER, PeerAuth, is_loopback, task_key_for
 from d7y_node.proxy import REPOSITORY_ATTRIBUTE, UPSTREAM_ATTRIBUTE, check_digest, parse_route
 from d7y_node.registry import OriginBlob, RegistryClient, Upstream, parse_upstream_url
 from d7y_node.tasks import PieceSource, TaskManager
@@ -341,14 +340,6 @@ def error_response(error: D7yError) -> web.Response:
     return error_json(502, "FETCH_FAILED", str(error))
 
 
-def _is_loopback(request: web.Request) -> bool:
-    peer = request.remote
-    try:
-        return peer is not None and ipaddress.ip_address(peer).is_loopback
-    except ValueError:
-        return False
-
-
 class FetchService:
     """The node's `get` and `fetch` routes (see the module docstring)."""
 
@@ -368,7 +359,7 @@ class FetchService:
         if auth is not None:
             return auth.check(request.method, request.raw_path, request.headers.get(AUTH_HEADER),
                               b"")
-        if _is_loopback(request):
+        if is_loopback(request):
             return None
         membership = self.node.membership
         if members and membership is not None:

@@ -60,7 +60,7 @@ from d7y_node.errors import (
     RafsError,
     UpstreamStatus,
 )
-from d7y_node.peer import AUTH_HEADER, PeerAuth
+from d7y_node.peer import AUTH_HEADER, PeerAuth, is_loopback
 from d7y_node.preheat import Platform, parse_image_reference
 from d7y_node.proxy import REPOSITORY_ATTRIBUTE, UPSTREAM_ATTRIBUTE
 from d7y_node.registry import RegistryClient, Upstream, parse_upstream_url
@@ -611,8 +611,7 @@ class MountManager:
         app.router.add_delete(MOUNTS_PATH, self._unmount)
 
     def _refusal(self, request: web.Request, body: bytes) -> web.Response | None:
-        peer = request.remote
-        if peer not in ("127.0.0.1", "::1") and not (peer or "").startswith("127."):
+        if not is_loopback(request):
             return _error(403, "UNAUTHORIZED", "mounts are made for loopback clients only")
         if self.auth is not None:
             reason = self.auth.check(request.method, request.raw_path,

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import logging
 import math
 import os
@@ -125,6 +126,16 @@ PUSH_PULL_MAX_BYTES = STREAM_MAX_BYTES + ClusterKey.overhead
 def task_key_for(task_id: str) -> str:
     """The key of a task on the peer protocol (the sha256 hex of its id)."""
     return file_name_for(task_id)
+
+
+def is_loopback(request: web.Request) -> bool:
+    """Whether the request comes from this host (the routes that make the node act for a local
+    user, such as `get` and `mount`, answer only such clients unless a cluster key signs them)."""
+    peer = request.remote
+    try:
+        return peer is not None and ipaddress.ip_address(peer).is_loopback
+    except ValueError:
+        return False
 
 
 def check_task_key(value: str) -> str:
