@@ -24,6 +24,10 @@ Hostile layers are refused with a `ConvertError` naming the entry: absolute path
 links to a path outside the tree or to nothing, member data past the end of the tar, sparse or
 unknown entry types, and decompressed layers beyond `max_layer_bytes`.
 
+While it works it reports each step's bytes (each layer pulled, the file bytes written into the
+blobs, each blob pushed) to a `ConvertProgress`: a bar per step on a terminal (drawn by
+`fetch.Progress`, the bar of `d7y-node get`), one plain line per step elsewhere.
+
 Does not speak HTTP itself (`oci.py`), nor know the RAFS layout (`rafs/`).
 """
 
@@ -40,14 +44,16 @@ import shutil
 import stat
 import tarfile
 import tempfile
-from collections.abc import Callable
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 import zstandard
 
 from d7y_node.errors import D7yError, RafsError
+from d7y_node.fetch import Progress as BarProgress
+from d7y_node.fetch import human_size
 from d7y_node.oci import (
     MEDIA_TYPE_OCI_CONFIG,
     MEDIA_TYPE_OCI_MANIFEST,
@@ -407,100 +413,236 @@ def nydus_manifest(config: Descriptor, layers: list[Descriptor]) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode()
 
 
-Progress = Callable[[str], None]
+# -- progress -------------------------------------------------------------------------------
+
+PHASE_PULL = "pulled"
+PHASE_WRITE = "written"
+PHASE_PUSH = "pushed"
+# A step's label ("pull 12/34 <8 hex digits>") and bar are narrower than `get`'s, so the line
+# with the phase total at its end fits a 100-column terminal (on 80 columns the end is cut).
+STEP_LABEL_WIDTH = 20
+STEP_BAR_WIDTH = 16
+SHORT_DIGEST_HEX = 8
+# The width assumed when a terminal does not say its own.
+DEFAULT_TERMINAL_COLUMNS = 80
 
 
-def _quiet(_line: str) -> None:
-    pass
+class ConvertProgress:
+    """What a conversion shows while it works: each step (a layer pulled, the files written into
+    the Nydus blobs, a blob pushed) with its bytes, and the totals.
+
+    On a terminal each step is a bar (`fetch.Progress`, the one `d7y-node get` draws) with the
+    total of its phase beside it (all layers' bytes pulled, all file bytes written, all bytes
+    pushed); elsewhere each step is one plain line when it ends. Without a stream, silent.
+    The counters (`moved`, `totals`) are what the summary line reports.
+    """
+
+    def __init__(self, stream: IO[str] | None = None, *, tty: bool | None = None) -> None:
+        self.stream = stream
+        self.tty = bool(stream is not None and (stream.isatty() if tty is None else tty))
+        self.totals: dict[str, int] = {}
+        self.moved: dict[str, int] = {}
+        self.skipped_pushes = 0
+        self.started = time.monotonic()
+        self._phase = PHASE_PULL
+        self._bar: BarProgress | None = None
+
+    def note(self, line: str) -> None:
+        if self.stream is not None:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+    def phase(self, name: str, total: int) -> None:
+        """Begin a phase whose steps move `total` bytes between them."""
+        self._phase = name
+        self.totals[name] = total
+        self.moved.setdefault(name, 0)
+
+    def step(self, label: str, total: int) -> None:
+        """Begin a step of the current phase (ending the one before)."""
+        self.end_step()
+        if self.stream is None:
+            return
+        columns = None
+        if self.tty:
+            try:
+                columns = os.get_terminal_size(self.stream.fileno()).columns
+            except (OSError, ValueError, io.UnsupportedOperation):
+                columns = None
+            columns = columns or DEFAULT_TERMINAL_COLUMNS
+        self._bar = BarProgress(
+            self.stream, total, label, tty=self.tty, suffix=self._phase_total,
+            summary_on_tty=False, label_width=STEP_LABEL_WIDTH, bar_width=STEP_BAR_WIDTH,
+            columns=columns,
+        )
+
+    def advance(self, amount: int) -> None:
+        """`amount` more bytes of the current step (from any one thread at a time)."""
+        self.moved[self._phase] = self.moved.get(self._phase, 0) + amount
+        if self._bar is not None:
+            self._bar.advance(amount)
+
+    def end_step(self) -> None:
+        bar, self._bar = self._bar, None
+        if bar is not None:
+            bar.finish()
+
+    def abort(self) -> None:
+        """The conversion failed: drop the current step, ending its bar's line on a terminal
+        so the error is printed on a line of its own."""
+        bar, self._bar = self._bar, None
+        if bar is not None and self.tty and bar.done and self.stream is not None:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def skip(self, line: str, amount: int) -> None:
+        """The current step was found done already (a blob the registry has, so no byte moved):
+        it leaves the phase's total and gets `line` instead of a bar."""
+        self._bar = None
+        self.skipped_pushes += 1
+        self.totals[self._phase] = self.totals.get(self._phase, 0) - amount
+        self.note(line)
+
+    def _phase_total(self) -> str:
+        return (
+            f" | {self._phase} {human_size(self.moved.get(self._phase, 0))}"
+            f"/{human_size(self.totals.get(self._phase, 0))}"
+        )
+
+    def summary(self) -> str:
+        elapsed = time.monotonic() - self.started
+        parts = [
+            f"{name} {human_size(self.moved.get(name, 0))}"
+            for name in (PHASE_PULL, PHASE_WRITE, PHASE_PUSH) if name in self.totals
+        ]
+        if self.skipped_pushes:
+            parts[-1] += f" ({self.skipped_pushes} blob(s) already there)"
+        return f"total: {', '.join(parts)} in {elapsed:.1f}s"
+
+
+def _short(digest: str) -> str:
+    return digest.removeprefix("sha256:")[:SHORT_DIGEST_HEX]
+
+
+def _file_bytes(tree: Tree) -> int:
+    """The bytes of every regular file's content, each inode once (what the writer reads)."""
+    unique = {id(node): node.size for _path, node in tree.walk() if node.is_regular}
+    return sum(unique.values())
 
 
 async def convert(
     source: str, target: str, options: ConvertOptions | None = None,
-    *, progress: Progress = _quiet,
+    *, progress: ConvertProgress | None = None,
 ) -> ConvertedImage:
     """Pull `source`, convert it, push the Nydus image as `target`."""
     options = options or ConvertOptions()
+    progress = progress or ConvertProgress()
     writer_options = options.writer_options()  # refuses bad settings before any download
     async with OciRegistry(options.insecure_registries) as registry:
-        source_image = registry.location(source)
-        target_image = registry.location(target)
-        manifest = await registry.resolve(source_image, options.platform)
-        source_config = await registry.config(source_image, manifest.config)
-        progress(f"{source_image}: {len(manifest.layers)} layer(s), manifest {manifest.digest}")
-        rootfs = source_config.get("rootfs")
-        source_diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-        if not isinstance(source_diff_ids, list) or len(source_diff_ids) != len(manifest.layers):
-            raise ConvertError(
-                f"{source_image}: the config's rootfs.diff_ids do not match its "
-                f"{len(manifest.layers)} layer(s)"
-            )
-        work = Path(tempfile.mkdtemp(prefix="d7y-convert-", dir=options.work_directory))
         try:
-            applier = LayerApplier(max_layer_entries=options.max_layer_entries)
-            for index, descriptor in enumerate(manifest.layers):
-                compressed = work / f"layer-{index}.download"
-                progress(
-                    f"layer {index + 1}/{len(manifest.layers)} {descriptor.digest}: "
-                    f"pulling {descriptor.size / MIB:.1f} MiB"
+            return await _convert(registry, source, target, options, writer_options, progress)
+        except BaseException:
+            progress.abort()
+            raise
+
+
+async def _convert(
+    registry: OciRegistry, source: str, target: str, options: ConvertOptions,
+    writer_options: WriterOptions, progress: ConvertProgress,
+) -> ConvertedImage:
+    source_image = registry.location(source)
+    target_image = registry.location(target)
+    manifest = await registry.resolve(source_image, options.platform)
+    source_config = await registry.config(source_image, manifest.config)
+    layer_count = len(manifest.layers)
+    progress.note(f"{source_image}: {layer_count} layer(s), manifest {manifest.digest}")
+    rootfs = source_config.get("rootfs")
+    source_diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(source_diff_ids, list) or len(source_diff_ids) != layer_count:
+        raise ConvertError(
+            f"{source_image}: the config's rootfs.diff_ids do not match its "
+            f"{layer_count} layer(s)"
+        )
+    work = Path(tempfile.mkdtemp(prefix="d7y-convert-", dir=options.work_directory))
+    try:
+        applier = LayerApplier(max_layer_entries=options.max_layer_entries)
+        progress.phase(PHASE_PULL, sum(layer.size for layer in manifest.layers))
+        for index, descriptor in enumerate(manifest.layers):
+            compressed = work / f"layer-{index}.download"
+            progress.step(
+                f"pull {index + 1}/{layer_count} {_short(descriptor.digest)}", descriptor.size
+            )
+            await registry.download(source_image, descriptor, compressed, progress.advance)
+            progress.end_step()
+            tar_path = work / f"layer-{index}.tar"
+            diff_id = await asyncio.to_thread(
+                decompress_layer, compressed, tar_path, max_bytes=options.max_layer_bytes
+            )
+            compressed.unlink()
+            if source_diff_ids[index] != diff_id:
+                raise ConvertError(
+                    f"layer {index} unpacks to {diff_id}, its config says "
+                    f"{source_diff_ids[index]}"
                 )
-                await registry.download(source_image, descriptor, compressed)
-                tar_path = work / f"layer-{index}.tar"
-                diff_id = await asyncio.to_thread(
-                    decompress_layer, compressed, tar_path, max_bytes=options.max_layer_bytes
-                )
-                compressed.unlink()
-                if index < len(source_diff_ids) and source_diff_ids[index] != diff_id:
-                    raise ConvertError(
-                        f"layer {index} unpacks to {diff_id}, its config says "
-                        f"{source_diff_ids[index]}"
-                    )
-                await asyncio.to_thread(applier.apply, tar_path)
-                progress(f"layer {index + 1}/{len(manifest.layers)}: applied")
-            blob_directory = work / "blobs"
-            blob_directory.mkdir()
-            progress("writing the Nydus blobs and bootstrap")
-            written = await asyncio.to_thread(
-                write_image, applier.tree, blob_directory, writer_options
+            await asyncio.to_thread(applier.apply, tar_path)
+        blob_directory = work / "blobs"
+        blob_directory.mkdir()
+        file_bytes = await asyncio.to_thread(_file_bytes, applier.tree)
+        progress.phase(PHASE_WRITE, file_bytes)
+        progress.step("write Nydus blobs", file_bytes)
+        written = await asyncio.to_thread(
+            write_image, applier.tree, blob_directory, writer_options, progress=progress.advance
+        )
+        progress.end_step()
+        progress.note(
+            f"{len(written.blobs)} Nydus blob(s) of "
+            f"{human_size(sum(blob.size for blob in written.blobs))} and a bootstrap of "
+            f"{human_size(len(written.bootstrap))}"
+        )
+        boot_path = work / "bootstrap.tar.gz"
+        boot_descriptor, boot_diff_id = await asyncio.to_thread(
+            bootstrap_layer, written.bootstrap, boot_path
+        )
+        layers = [
+            Descriptor(
+                MEDIA_TYPE_NYDUS_BLOB, "sha256:" + blob.blob_id, blob.size,
+                {ANNOTATION_NYDUS_BLOB: "true"},
             )
-            boot_path = work / "bootstrap.tar.gz"
-            boot_descriptor, boot_diff_id = await asyncio.to_thread(
-                bootstrap_layer, written.bootstrap, boot_path
-            )
-            layers = [
-                Descriptor(
-                    MEDIA_TYPE_NYDUS_BLOB, "sha256:" + blob.blob_id, blob.size,
-                    {ANNOTATION_NYDUS_BLOB: "true"},
-                )
-                for blob in written.blobs
-            ]
-            blob_ids = json.dumps([blob.blob_id for blob in written.blobs], separators=(",", ":"))
-            layers.append(Descriptor(
-                boot_descriptor.media_type, boot_descriptor.digest, boot_descriptor.size,
-                {
-                    ANNOTATION_NYDUS_BLOB_IDS: blob_ids,
-                    ANNOTATION_NYDUS_BOOTSTRAP: "true",
-                    ANNOTATION_NYDUS_FS_VERSION: NYDUS_FS_VERSION,
-                },
-            ))
-            config = nydus_config(
-                source_config, [layer.digest for layer in layers[:-1]] + [boot_diff_id]
-            )
-            config_bytes = json.dumps(config, separators=(",", ":")).encode()
-            config_path = work / "config.json"
-            config_path.write_bytes(config_bytes)
-            config_descriptor = Descriptor(
-                MEDIA_TYPE_OCI_CONFIG, sha256_digest(config_bytes), len(config_bytes)
-            )
-            uploads = [(blob.path, "sha256:" + blob.blob_id) for blob in written.blobs]
-            uploads.append((boot_path, boot_descriptor.digest))
-            uploads.append((config_path, config_descriptor.digest))
-            for number, (path, digest) in enumerate(uploads, 1):
-                sent = await registry.push_blob(target_image, digest, path)
-                state = "pushed" if sent else "already there"
-                progress(f"push {number}/{len(uploads)} {digest}: {state}")
-            body = nydus_manifest(config_descriptor, layers)
-            digest = await registry.push_manifest(target_image, body, MEDIA_TYPE_OCI_MANIFEST)
-            progress(f"{target_image}: manifest {digest}")
-            return ConvertedImage(digest, body, tuple(layers), config)
-        finally:
-            await asyncio.to_thread(shutil.rmtree, work, True)
+            for blob in written.blobs
+        ]
+        blob_ids = json.dumps([blob.blob_id for blob in written.blobs], separators=(",", ":"))
+        layers.append(Descriptor(
+            boot_descriptor.media_type, boot_descriptor.digest, boot_descriptor.size,
+            {
+                ANNOTATION_NYDUS_BLOB_IDS: blob_ids,
+                ANNOTATION_NYDUS_BOOTSTRAP: "true",
+                ANNOTATION_NYDUS_FS_VERSION: NYDUS_FS_VERSION,
+            },
+        ))
+        config = nydus_config(
+            source_config, [layer.digest for layer in layers[:-1]] + [boot_diff_id]
+        )
+        config_bytes = json.dumps(config, separators=(",", ":")).encode()
+        config_path = work / "config.json"
+        config_path.write_bytes(config_bytes)
+        config_descriptor = Descriptor(
+            MEDIA_TYPE_OCI_CONFIG, sha256_digest(config_bytes), len(config_bytes)
+        )
+        uploads = [(blob.path, "sha256:" + blob.blob_id, blob.size) for blob in written.blobs]
+        uploads.append((boot_path, boot_descriptor.digest, boot_descriptor.size))
+        uploads.append((config_path, config_descriptor.digest, len(config_bytes)))
+        progress.phase(PHASE_PUSH, sum(size for _path, _digest, size in uploads))
+        for number, (path, digest, size) in enumerate(uploads, 1):
+            label = f"push {number}/{len(uploads)} {_short(digest)}"
+            progress.step(label, size)
+            if await registry.push_blob(target_image, digest, path, progress.advance):
+                progress.end_step()
+            else:
+                progress.skip(f"{label}: already there", size)
+        body = nydus_manifest(config_descriptor, layers)
+        digest = await registry.push_manifest(target_image, body, MEDIA_TYPE_OCI_MANIFEST)
+        progress.note(f"{target_image}: manifest {digest}")
+        progress.note(progress.summary())
+        return ConvertedImage(digest, body, tuple(layers), config)
+    finally:
+        await asyncio.to_thread(shutil.rmtree, work, True)

@@ -540,6 +540,11 @@ async def _copy(response: web.StreamResponse, fd: int, offset: int, count: int) 
 
 # The progress line is redrawn at most this often (a terminal is slow; the eye is slower).
 PROGRESS_INTERVAL_SECONDS = 0.1
+# Columns of a progress line's label and bar (the line fits a 100-column terminal).
+PROGRESS_LABEL_WIDTH = 30
+PROGRESS_BAR_WIDTH = 30
+# ANSI "erase in line" (to its end): a redrawn line may be shorter than the one it replaces.
+ERASE_TO_END_OF_LINE = "\x1b[K"
 # Bytes read from the node per call.
 READ_CHUNK_BYTES = 1 << 20
 # The node may take this long between two bytes (it waits on its origin or peers meanwhile).
@@ -557,6 +562,14 @@ class Progress:
     done: int = 0
     started: float = field(default_factory=time.monotonic)
     _drawn: float = 0.0
+    # Appended to the bar on a terminal (e.g. the total of several transfers).
+    suffix: Callable[[], str] | None = None
+    # On a terminal, whether a summary line follows the final bar (else the bar is the last word).
+    summary_on_tty: bool = True
+    label_width: int = PROGRESS_LABEL_WIDTH
+    bar_width: int = PROGRESS_BAR_WIDTH
+    # The terminal's width: a longer line is cut (a wrapped line cannot be redrawn with `\r`).
+    columns: int | None = None
 
     def advance(self, amount: int) -> None:
         self.done += amount
@@ -566,14 +579,14 @@ class Progress:
             self._draw(now)
 
     def _draw(self, now: float) -> None:
-        width = 30
-        fraction = self.done / self.total if self.total else 1.0
-        bar = "#" * int(width * fraction)
-        rate = self.done / max(now - self.started, 1e-6)
-        self.stream.write(
-            f"\r{self.label[:30]:<30} [{bar:<{width}}] {100 * fraction:5.1f}% "
-            f"{_human(self.done)}/{_human(self.total)} {_human(int(rate))}/s"
+        text = progress_text(
+            self.label, self.done, self.total, now - self.started,
+            suffix=self.suffix() if self.suffix is not None else "",
+            label_width=self.label_width, bar_width=self.bar_width,
         )
+        if self.columns is not None:
+            text = text[: max(self.columns - 1, 1)]
+        self.stream.write(f"\r{text}{ERASE_TO_END_OF_LINE}")
         self.stream.flush()
 
     def finish(self) -> None:
@@ -581,11 +594,33 @@ class Progress:
         if self.tty:
             self._draw(time.monotonic())
             self.stream.write("\n")
+            if not self.summary_on_tty:
+                self.stream.flush()
+                return
         self.stream.write(
             f"{self.label}: {self.done} bytes in {elapsed:.1f}s "
             f"({_human(int(self.done / elapsed))}/s)\n"
         )
         self.stream.flush()
+
+
+def progress_text(
+    label: str, done: int, total: int, elapsed: float, *, suffix: str = "",
+    label_width: int = PROGRESS_LABEL_WIDTH, bar_width: int = PROGRESS_BAR_WIDTH,
+) -> str:
+    """One progress line: label, bar, percent, bytes done of `total`, rate, then `suffix`."""
+    fraction = min(done / total, 1.0) if total else 1.0
+    bar = "#" * int(bar_width * fraction)
+    rate = done / max(elapsed, 1e-6)
+    return (
+        f"{label[:label_width]:<{label_width}} [{bar:<{bar_width}}] {100 * fraction:5.1f}% "
+        f"{_human(done)}/{_human(total)} {_human(int(rate))}/s{suffix}"
+    )
+
+
+def human_size(size: int) -> str:
+    """`size` bytes as people read it (B, KiB, MiB, GiB with one decimal)."""
+    return _human(size)
 
 
 def _human(size: int) -> str:

@@ -311,8 +311,12 @@ class OciRegistry:
         status, _headers, _body = await self._call("HEAD", url)
         return status == 200
 
-    async def push_blob(self, image: ImageLocation, digest: str, path: Path) -> bool:
-        """Upload the file `path` as blob `digest` unless the repository has it; True if sent."""
+    async def push_blob(
+        self, image: ImageLocation, digest: str, path: Path,
+        progress: Callable[[int], None] | None = None,
+    ) -> bool:
+        """Upload the file `path` as blob `digest` unless the repository has it; True if sent.
+        `progress` is called with the size of each block as it is handed to the connection."""
         if await self.has_blob(image, digest):
             return False
         start = image.upstream.base_url.with_path(
@@ -328,7 +332,7 @@ class OciRegistry:
         upload = upload.update_query({"digest": digest})
         size = os.stat(path).st_size
         status, headers, body = await self._call(
-            "PUT", upload, data=_file_body(path),
+            "PUT", upload, data=_file_body(path, progress),
             headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
         )
         if status != 201:
@@ -350,10 +354,12 @@ def _discard(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
-async def _file_body(path: Path) -> Any:
+async def _file_body(path: Path, progress: Callable[[int], None] | None = None) -> Any:
     with path.open("rb") as source:
         while block := source.read(UPLOAD_BLOCK_BYTES):
             yield block
+            if progress is not None:
+                progress(len(block))
 
 
 def _select_platform(document: dict[str, Any], wanted: Platform, image: ImageLocation) -> str:

@@ -5,15 +5,19 @@ Nydus bootstrap layer, config and manifest have the form Nydus tools expect."""
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import io
 import json
 import os
 import stat
+import struct
 import subprocess
 import sys
 import tarfile
+import termios
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +31,11 @@ from aiohttp.test_utils import TestServer
 from d7y_node.convert import (
     ANNOTATION_NYDUS_BLOB,
     BOOTSTRAP_MEMBER,
+    PHASE_PULL,
+    PHASE_PUSH,
+    PHASE_WRITE,
     ConvertError,
+    ConvertProgress,
     LayerApplier,
     bootstrap_layer,
     decompress_layer,
@@ -35,6 +43,7 @@ from d7y_node.convert import (
     nydus_manifest,
 )
 from d7y_node.errors import D7yError
+from d7y_node.fetch import PROGRESS_INTERVAL_SECONDS
 from d7y_node.oci import Descriptor, ImageLocation, ImageManifest, OciRegistry, sha256_digest
 from d7y_node.preheat import Platform
 from d7y_node.rafs import FileReader, Filesystem, open_bootstrap
@@ -436,3 +445,105 @@ def test_cli_refuses_bad_settings_before_any_download(
     )
     assert result.returncode == 2
     assert message in result.stderr
+
+
+# -- progress -----------------------------------------------------------------------------------
+
+MIB = 1 << 20
+# The pseudo-terminal's width in the tests: wide enough for a whole step line.
+TERMINAL_COLUMNS = 120
+
+
+def read_terminal(master: int) -> str:
+    """Everything written to the pseudo-terminal whose writing side is closed."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the other side is closed and everything was read
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
+def drive(progress: ConvertProgress) -> None:
+    """Two layers pulled, the files written, one blob pushed and one already there."""
+    progress.note("source: 2 layer(s)")
+    progress.phase(PHASE_PULL, 3 * MIB)
+    progress.step("pull 1/2 aaaaaaaa", 2 * MIB)
+    progress.advance(MIB)
+    time.sleep(PROGRESS_INTERVAL_SECONDS)  # the bar is redrawn at most this often
+    progress.advance(MIB)
+    progress.end_step()
+    progress.step("pull 2/2 bbbbbbbb", MIB)
+    progress.advance(MIB)
+    progress.end_step()
+    progress.phase(PHASE_WRITE, 5 * MIB)
+    progress.step("write Nydus blobs", 5 * MIB)
+    progress.advance(5 * MIB)
+    progress.end_step()
+    progress.phase(PHASE_PUSH, 4 * MIB)
+    progress.step("push 1/2 cccccccc", 3 * MIB)
+    progress.advance(3 * MIB)
+    progress.end_step()
+    progress.step("push 2/2 dddddddd", MIB)
+    progress.skip("push 2/2 dddddddd: already there", MIB)
+    progress.note(progress.summary())
+
+
+def test_convert_progress_on_a_terminal_draws_a_bar_per_step_with_the_phase_total() -> None:
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, TERMINAL_COLUMNS, 0, 0))
+    try:
+        with os.fdopen(slave, "w", closefd=True) as terminal:
+            progress = ConvertProgress(terminal)
+            assert progress.tty
+            drive(progress)
+        output = read_terminal(master)
+    finally:
+        os.close(master)
+    lines = output.replace("\r\n", "\n").split("\n")
+    # Each step's line is redrawn in place (`\r`) and ends as a full bar.
+    pull_one = next(line for line in lines if "pull 1/2" in line)
+    redraws = [part for part in pull_one.split("\r") if part]
+    assert len(redraws) >= 2, pull_one
+    assert " 50.0% 1.0MiB/2.0MiB" in redraws[0] and "| pulled 1.0MiB/3.0MiB" in redraws[0]
+    assert "[################] 100.0% 2.0MiB/2.0MiB" in redraws[-1]
+    assert "| pulled 2.0MiB/3.0MiB" in redraws[-1]
+    pull_two = next(line for line in lines if "pull 2/2" in line)
+    assert "| pulled 3.0MiB/3.0MiB" in pull_two
+    assert "| written 5.0MiB/5.0MiB" in next(line for line in lines if "write Nydus" in line)
+    # The blob the registry has is only found when its turn comes: then it is a plain line,
+    # not a bar, and it leaves the push total.
+    assert "| pushed 3.0MiB/4.0MiB" in next(line for line in lines if "push 1/2" in line)
+    assert "push 2/2 dddddddd: already there" in lines
+    summary = next(line for line in lines if line.startswith("total:"))
+    assert "pulled 3.0MiB, written 5.0MiB, pushed 3.0MiB (1 blob(s) already there)" in summary
+    assert all(len(part) < TERMINAL_COLUMNS for line in lines for part in line.split("\r"))
+
+
+def test_convert_progress_elsewhere_is_one_plain_line_per_step() -> None:
+    plain = io.StringIO()
+    drive(ConvertProgress(plain))
+    text = plain.getvalue()
+    assert "\r" not in text and "\x1b" not in text and "[#" not in text
+    assert text.splitlines() == [
+        "source: 2 layer(s)",
+        *[line for line in text.splitlines() if line.startswith("pull 1/2 aaaaaaaa: ")],
+        *[line for line in text.splitlines() if line.startswith("pull 2/2 bbbbbbbb: ")],
+        *[line for line in text.splitlines() if line.startswith("write Nydus blobs: ")],
+        *[line for line in text.splitlines() if line.startswith("push 1/2 cccccccc: ")],
+        "push 2/2 dddddddd: already there",
+        text.splitlines()[-1],
+    ]
+    assert "pull 1/2 aaaaaaaa: 2097152 bytes in" in text
+    assert text.splitlines()[-1].startswith("total: pulled 3.0MiB, written 5.0MiB, pushed 3.0MiB")
+
+
+def test_convert_progress_without_a_stream_is_silent_but_counts() -> None:
+    progress = ConvertProgress()
+    drive(progress)
+    assert progress.moved == {PHASE_PULL: 3 * MIB, PHASE_WRITE: 5 * MIB, PHASE_PUSH: 3 * MIB}
+    assert progress.totals[PHASE_PUSH] == 3 * MIB  # the blob already there left the total

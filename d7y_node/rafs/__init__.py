@@ -13,7 +13,8 @@ chunk table becomes a (blob, chunk index) -> record map on the first chunk looku
 may be an mmap, so a 100k-inode image costs memory only for what is used.
 
 Modules: `bounded` (checked reads), `chunks` (decompress, verify), `erofs` (EROFS structures),
-`v6` and `v5` (the two bootstrap formats), `blob` (data blob trailers), `tree` (the model).
+`v6` and `v5` (the two bootstrap formats), `blob` (data blob trailers), `tree` (the model),
+`inlined` (a bootstrap carried inside a data blob, and which blob table entry that blob is).
 Writing: `builder` (the input tree) and `writer` (`write_image`: RAFS v6 bootstrap and blobs).
 """
 

@@ -120,6 +120,8 @@ def test_sigterm_to_the_node_unmounts_its_mounts(
 def test_a_crashed_nodes_mounts_are_cleaned_at_restart(
     node_factory: NodeFactory, tmp_path: Path
 ) -> None:
+    """The dead mount is cleaned and, as the node recorded it, mounted again (more in
+    tests/integration/test_remount_e2e.py)."""
     node = node_factory()
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
@@ -129,10 +131,8 @@ def test_a_crashed_nodes_mounts_are_cleaned_at_restart(
     with pytest.raises(OSError):
         os.statvfs(mountpoint)  # the server is gone: ENOTCONN
     node.restart()
-    assert not is_mount_point(str(mountpoint))
-    assert MountRecords(node.data_dir).all() == []
-    # And the place can be mounted again.
-    d7y(*local_mount_arguments(node.data_dir, mountpoint))
+    assert is_mount_point(str(mountpoint))
+    assert [r.spec.mountpoint for r in MountRecords(node.data_dir).all()] == [str(mountpoint)]
     assert mounted_files(mountpoint) == expected_files()
     d7y("umount", "--data-dir", node.data_dir, mountpoint)
     assert not is_mount_point(str(mountpoint))
@@ -197,6 +197,91 @@ def test_without_a_node_the_command_serves_the_mount(tmp_path: Path, foreground:
             fuse_kernel.unmount(str(mountpoint))
     assert not is_mount_point(str(mountpoint))
     assert MountRecords(data_dir).all() == []
+
+
+# -- a data blob with its bootstrap inlined (nydus-image --blob-inline-meta) ------------------
+
+INLINED_BLOB = V6 / "2fa78cad554b75ac91a4a125ed148d0ddeb25efa4aaa8bd80e5dc292690a4dca"
+# The id its bootstrap's blob table gives that blob (the sha256 of the blob before image.boot).
+CARRIER_ID = "d788a0eac4ff9779bc2eae3842117a918d847d90fddbea1503f7c5296a4a7de3"
+
+
+def expected_inlined_files() -> dict[str, bytes]:
+    """The regular files of the fixture blob's inlined bootstrap, every chunk verified."""
+    from d7y_node.rafs.inlined import read_inlined_bootstrap
+
+    files: dict[str, bytes] = {}
+    with FileReader(INLINED_BLOB) as reader:
+        inlined = read_inlined_bootstrap(reader)
+        assert inlined is not None
+        filesystem = inlined.filesystem
+        for entry in filesystem.readdir(ROOT_INO):
+            attributes = filesystem.getattr(entry.ino)
+            if attributes.is_regular:
+                files[os.fsdecode(entry.name)] = read_file_range(
+                    filesystem, entry.ino, 0, attributes.size, [reader]
+                )
+    assert sorted(files) == ["error.rs", "lib.rs", "logger.rs"]
+    return files
+
+
+@pytest.mark.parametrize("served_by", ["node", "foreground"])
+def test_a_blob_with_its_bootstrap_inlined_mounts(
+    node_factory: NodeFactory, tmp_path: Path, served_by: str
+) -> None:
+    """`--bootstrap BLOB`: the bootstrap comes out of the blob's ToC and the chunks out of the
+    same file (the bootstrap names its carrier by another id than the file's: no blob dir holds
+    it). Served by the node with an empty `--blob-dir`; in the foreground with none given (the
+    default is the bootstrap's directory)."""
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    empty_blob_dir = tmp_path / "blobs"
+    empty_blob_dir.mkdir()
+    expected = expected_inlined_files()
+    assert not (V6 / CARRIER_ID).exists()
+    arguments: list[object] = ["--bootstrap", INLINED_BLOB, mountpoint]
+    if served_by == "node":
+        arguments[2:2] = ["--blob-dir", empty_blob_dir]
+    process: subprocess.Popen[bytes] | None = None
+    if served_by == "node":
+        data_dir = node_factory().data_dir
+        answer = d7y("mount", "--data-dir", data_dir, *arguments)
+        assert "served by the node" in answer.stdout
+    else:
+        data_dir = tmp_path / "data"
+        process = subprocess.Popen(
+            [*node_command(), "mount", "--foreground", "--data-dir", str(data_dir),
+             *map(str, arguments)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+    try:
+        if process is not None:
+            wait_until(lambda: is_mount_point(str(mountpoint)), timeout=MOUNT_WAIT_SECONDS,
+                       what="the foreground mount", alive=lambda: process.poll() is None)
+        assert mounted_files(mountpoint) == expected
+        assert sorted((data_dir / "mounts" / "bootstraps").glob("inlined-*.boot"))
+        d7y("umount", "--data-dir", data_dir, mountpoint)
+        if process is not None:
+            assert process.wait(timeout=10) == 0
+    finally:
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+        if is_mount_point(str(mountpoint)):  # a failed test leaves no dead mount behind
+            fuse_kernel.unmount(str(mountpoint))
+    assert not is_mount_point(str(mountpoint))
+
+
+def test_a_blob_without_a_bootstrap_is_refused_clearly(tmp_path: Path) -> None:
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    blob = V6 / "be7d77eeb719f70884758d1aa800ed0fb09d701aaec469964e9d54325f0d5fef"
+    result = run([*node_command(), "mount", "--foreground", "--data-dir",
+                  str(tmp_path / "data"), "--bootstrap", str(blob), "--blob-dir", str(V6),
+                  str(mountpoint)], timeout=COMMAND_TIMEOUT_SECONDS, check=False)
+    assert result.returncode == 1
+    assert "neither a RAFS v5 nor a RAFS v6 bootstrap" in result.stderr.splitlines()[-1]
+    assert not is_mount_point(str(mountpoint))
 
 
 def test_umount_of_nothing_fails_clearly(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from d7y_node.errors import RafsError
 from d7y_node.rafs import BytesReader, Filesystem, open_bootstrap, read_blob_layout
 from d7y_node.rafs.blob import read_file_range, read_toc
+from d7y_node.rafs.inlined import read_inlined_bootstrap
 from tests.rafs.fixture_paths import FIXTURES
 from tests.rafs.image_builder import Node, build, directory, regular, symlink
 
@@ -164,6 +165,10 @@ def test_mutated_blob_with_inlined_bootstrap(data: st.DataObject) -> None:
         layout = read_blob_layout(reader)
         if layout.bootstrap is not None:
             exercise(open_bootstrap(layout.bootstrap), [mutated])
+        # What a mount of the blob does: the bootstrap and the blob table entry of its carrier.
+        inlined = read_inlined_bootstrap(reader)
+        if inlined is not None:
+            exercise(inlined.filesystem, [mutated])
 
     run_bounded(read)
 
