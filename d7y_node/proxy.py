@@ -84,6 +84,9 @@ BLOB_CACHE_CONTROL = "max-age=31536000"
 # Upstream's `/v2/` body is not used; it is read only to keep the connection reusable.
 MAX_PING_BODY_BYTES = 64 * 1024
 
+# The `status` label of a request whose client disconnected before its answer was complete
+# (nginx's convention for the same event).
+CLIENT_CLOSED_STATUS = "499"
 # OCI error codes for a blob GET upstream refused without a body.
 BODYLESS_STATUS_CODES = {
     401: "UNAUTHORIZED", 403: "DENIED", 404: "BLOB_UNKNOWN", 429: "TOOMANYREQUESTS",
@@ -342,6 +345,14 @@ class ProxyServer:
         except web.HTTPException as exc:
             response = oci_error(exc.status, "UNSUPPORTED", exc.reason)
         except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+            raise
+        except ConnectionError:
+            # The client went away mid-answer (an aborted pull): nobody is left to answer and
+            # nothing is wrong here. Counted, then re-raised for aiohttp, which drops it quietly.
+            log.debug("client left during %s %s", request.method, request.path)
+            self.metrics.requests.labels(
+                route=request.get(_ROUTE_KEY, ROUTE_OTHER), status=CLIENT_CLOSED_STATUS
+            ).inc()
             raise
         except Exception:
             log.exception("unexpected error serving %s %s", request.method, request.path)

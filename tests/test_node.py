@@ -36,7 +36,10 @@ def start_node(
     process = subprocess.Popen(
         [sys.executable, "-m", "d7y_node", "start", "--data-dir", str(data_dir),
          "--proxy-listen", f"127.0.0.1:{proxy}", "--peer-listen", f"127.0.0.1:{peer}",
-         "--gossip-listen", f"127.0.0.1:{gossip}", *extra],
+         "--gossip-listen", f"127.0.0.1:{gossip}",
+         # The snapshotter beside the data dir, never on the host's /run paths.
+         "--snapshotter-socket", str(data_dir.parent / f"{data_dir.name}.sock"),
+         "--nydus-socket", "off", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     return process, proxy, peer

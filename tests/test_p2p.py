@@ -23,6 +23,7 @@ from d7y_node.config import (
     NodeConfig,
     ProxyConfig,
     RegistryConfig,
+    SnapshotterConfig,
     StoreConfig,
 )
 from d7y_node.errors import InvalidRequest, PeerFailed
@@ -65,6 +66,7 @@ def config_for(directory: Path, *, join: tuple[str, ...] = (), node_id: str,
         store=StoreConfig(data_dir=directory, gc_quota=1 << 40),
         proxy=ProxyConfig(listen=Listen("127.0.0.1", 0)),
         peer_listen=Listen("127.0.0.1", 0),
+        snapshotter=SnapshotterConfig(socket=None, nydus_socket=None),
         cluster=ClusterConfig(
             gossip_listen=Listen("127.0.0.1", 0), join=join, node_id=node_id,
             home_timeout=home_timeout, secret_file=secret_file,

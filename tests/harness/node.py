@@ -68,6 +68,11 @@ class Node:
             arguments += ["--registry-mirror", registry_mirror]
         for host in insecure_registries:
             arguments += ["--insecure-registry", host]
+        # The snapshotter sockets in the work dir, never the host's /run paths, unless asked for.
+        if "--snapshotter-socket" not in extra_arguments:
+            arguments += ["--snapshotter-socket", str(work_dir / "snapshotter.sock")]
+        if "--nydus-socket" not in extra_arguments:
+            arguments += ["--nydus-socket", "off"]
         arguments += list(extra_arguments)
         self.process = ManagedProcess(arguments, log_path=work_dir / "node.log")
 
