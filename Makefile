@@ -37,3 +37,18 @@ bench-lazy: system-deps
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache
+
+# The tests' CRI client messages (tests/harness/protos/cri_image.proto); the generated modules
+# are committed, so this is needed only after the .proto changes. `# ruff: noqa`: generated code.
+.PHONY: test-protos
+test-protos:
+	$(VENV) cd tests/harness/protos && python -m grpc_tools.protoc -I. --python_out=. \
+		--pyi_out=. cri_image.proto && sed -i '1i # ruff: noqa' cri_image_pb2.py cri_image_pb2.pyi
+
+# The containerd snapshots API messages (d7y_node/protos/*.proto, a subset of containerd's with
+# its field numbers); the generated modules are committed, so this is needed only after a .proto
+# changes. Pinned grpcio-tools (pyproject.toml) keeps them in step with the protobuf runtime.
+.PHONY: protos
+protos:
+	$(VENV) python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. \
+		d7y_node/protos/mount.proto d7y_node/protos/snapshots.proto

@@ -78,6 +78,8 @@ def start(config_file: Path | None = None, **flags: Any) -> None:
     )
     # aiohttp logs every client disconnect at INFO/ERROR; only our own logger speaks at info.
     logging.getLogger("aiohttp").setLevel(max(logging.WARNING, logging.root.level))
+    # grpclib's HTTP/2 header codec logs every header of every snapshotter call at DEBUG.
+    logging.getLogger("hpack").setLevel(max(logging.WARNING, logging.root.level))
 
     import uvloop
 
@@ -301,7 +303,7 @@ def convert_image(
     ] = None,
 ) -> None:
     """Convert an OCI or Docker image into a Nydus (RAFS v6) image and push it as TARGET_REF."""
-    from d7y_node.convert import ConvertOptions, convert
+    from d7y_node.convert import ConvertOptions, ConvertProgress, convert
     from d7y_node.oci import default_platform
     from d7y_node.preheat import Platform
     from d7y_node.rafs.chunks import Compressor, Digester
@@ -323,9 +325,8 @@ def convert_image(
     except D7yError as err:
         raise ConfigError("--chunk-size", str(err)) from None
 
-    def progress(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
+    # A bar per step on a terminal, one line per step elsewhere (both on stderr).
+    progress = ConvertProgress(sys.stderr)
     result = asyncio.run(convert(source, target, options, progress=progress))
     typer.echo(result.manifest_digest)
 
@@ -372,6 +373,9 @@ def mount(arguments: list[str], config_file: Path | None = None, **flags: Any) -
         raise ConfigError("mount", "expected [SOURCE] MOUNTPOINT")
     if (source is None) == (bootstrap is None and blob_dir is None):
         raise ConfigError("mount", "give SOURCE, or --bootstrap and --blob-dir (not both)")
+    if source is None and bootstrap is not None and blob_dir is None:
+        # Blobs beside the bootstrap (the bootstrap's own blob, when it is inlined in one).
+        blob_dir = str(Path(bootstrap).absolute().parent)
     if source is None and (bootstrap is None or blob_dir is None):
         raise ConfigError("mount", "--bootstrap and --blob-dir go together")
     spec = MountSpec(
@@ -434,9 +438,12 @@ def _optional_path_option(name: str, flag: str, help_text: str) -> inspect.Param
 app.command("mount")(_command_options(mount, [
     inspect.Parameter("arguments", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=list[str],
                       default=typer.Argument(..., metavar="[SOURCE] MOUNTPOINT")),
-    _optional_path_option("bootstrap", "--bootstrap", "a local RAFS bootstrap file"),
+    _optional_path_option("bootstrap", "--bootstrap",
+                          "a local RAFS bootstrap file, or a data blob with the "
+                          "bootstrap inlined (its ToC lists image.boot)"),
     _optional_path_option("blob_dir", "--blob-dir",
-                          "the directory of the bootstrap's blobs (files named by blob id)"),
+                          "the directory of the bootstrap's blobs (files named by blob id; "
+                          "default: the bootstrap's directory)"),
     _optional_path_option("nydusd_config", "--nydusd-config",
                           "a nydusd JSON config: registry, repo, auth and prefetch apply"),
     _node_option(),
@@ -474,6 +481,107 @@ app.command("umount")(_command_options(umount, [
                       default=typer.Argument(..., metavar="MOUNTPOINT")),
     _node_option(),
 ]))
+
+
+setup_app = typer.Typer(
+    name="setup", help="Configure other programs on this host to use the node.",
+    no_args_is_help=True,
+)
+app.add_typer(setup_app, name="setup")
+
+
+def setup_containerd(config_file: Path | None = None, **flags: Any) -> None:
+    """Print the containerd configuration for this node, or --write it.
+
+    hosts.toml mirrors through the node's proxy; the snapshotter
+    proxy plugin on the node's socket; the CRI plugin's snapshotter,
+    with snapshot annotations on.
+
+    --write merges into an existing config.toml (other settings and
+    comments kept), backs up each file it changes and changes nothing
+    when all is set already. It says whether containerd must be
+    restarted (only a changed config.toml needs that).
+    """
+    from d7y_node import setup as containerd_setup
+
+    write = bool(flags.pop("write", False))
+    config_path = Path(flags.pop("containerd_config"))
+    hosts_dir = flags.pop("hosts_dir", None)
+    registries = tuple(flags.pop("registry", None) or containerd_setup.DEFAULT_REGISTRIES)
+    name = flags.pop("snapshotter_name")
+    config = resolve(config_file, flags)
+    if config.snapshotter.socket is None:
+        raise ConfigError("--snapshotter-socket",
+                          "is off: name the socket the node serves for containerd")
+    setup = containerd_setup.ContainerdSetup(
+        mirror_url=containerd_setup.mirror_url(config.proxy.listen),
+        snapshotter_name=name, snapshotter_socket=str(config.snapshotter.socket),
+        config_path=config_path,
+        hosts_dir=Path(hosts_dir) if hosts_dir else None, registries=registries,
+        insecure_registries=config.registry.insecure_registries,
+    )
+    planned = containerd_setup.plan(setup)
+    if not write:
+        typer.echo(containerd_setup.render(planned), nl=False)
+        typer.echo("# not written: `d7y-node setup containerd --write` writes these files")
+        return
+    written = containerd_setup.write_plan(planned)
+    for file in planned.files:
+        done = next((entry for entry in written if entry.path == file.path), None)
+        if done is None:
+            typer.echo(f"unchanged {file.path}")
+        elif done.backup is None:
+            typer.echo(f"created {file.path}")
+        else:
+            typer.echo(f"updated {file.path} (backup: {done.backup})")
+    if planned.restart_needed:
+        typer.echo("containerd must be restarted to load the new config.toml "
+                   "(e.g. `systemctl restart containerd`)")
+    else:
+        typer.echo("containerd needs no restart (hosts.toml files are read at every pull)")
+
+
+def _setup_containerd_options() -> list[inspect.Parameter]:
+    def option(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                 default=default)
+
+    from d7y_node import setup as containerd_setup
+
+    parameters = [
+        option("write", bool, typer.Option(
+            False, "--write", help="write the files (default: print them)")),
+        option("containerd_config", str, typer.Option(
+            str(containerd_setup.DEFAULT_CONFIG_PATH), "--config-path", metavar="FILE",
+            help="containerd's config.toml")),
+        option("hosts_dir", Optional[str], typer.Option(  # noqa: UP045 - read by typer
+            None, "--hosts-dir", metavar="DIR",
+            help="containerd's registry hosts dir (default: the config_path config.toml "
+                 f"names, else {containerd_setup.DEFAULT_HOSTS_DIR})")),
+        option("registry", Optional[list[str]], typer.Option(  # noqa: UP045 - read by typer
+            None, "--registry", metavar="HOST[:PORT]",
+            help="a registry to mirror through the node (repeatable; default: docker.io)")),
+        option("snapshotter_name", str, typer.Option(
+            containerd_setup.DEFAULT_SNAPSHOTTER_NAME, "--snapshotter-name", metavar="NAME",
+            help="the proxy plugin's name (nydus: existing Nydus configurations keep working)")),
+    ]
+    return parameters
+
+
+def _with_leading_options(
+    command: Callable[..., None], leading: list[inspect.Parameter]
+) -> Callable[..., None]:
+    """`leading` (the command's own options) before the node options."""
+    signature = inspect.signature(with_node_options(command))
+    command.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*leading, *signature.parameters.values()]
+    )
+    return command
+
+
+setup_app.command("containerd")(
+    _with_leading_options(setup_containerd, _setup_containerd_options())
+)
 
 
 def main() -> None:

@@ -42,6 +42,12 @@ MAX_HOMES = 5
 DEFAULT_HOME_TIMEOUT = 10.0
 # Labels a member may carry (the gossip wire's bound, `LABELS_MAX_COUNT`).
 MAX_LABELS = 16
+# containerd's snapshots API (snapshotter.py): our socket, and the path Nydus users already have
+# in their containerd configuration (nydus-snapshotter's), served too when nothing else does.
+DEFAULT_SNAPSHOTTER_SOCKET = Path("/run/d7y-node/snapshotter.sock")
+DEFAULT_NYDUS_SOCKET = Path("/run/containerd-nydus/containerd-nydus-grpc.sock")
+# sun_path holds 108 bytes with the terminating NUL.
+MAX_SOCKET_PATH_BYTES = 107
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -153,6 +159,17 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class SnapshotterConfig:
+    """containerd's snapshots API on unix sockets (None turns one off)."""
+
+    # The node's own socket (containerd's `proxy_plugins` address). The default path is served
+    # when it is free (another node there: a warning); a path the user set must be free.
+    socket: Path | None = DEFAULT_SNAPSHOTTER_SOCKET
+    # nydus-snapshotter's socket path, served too when no other process serves it.
+    nydus_socket: Path | None = DEFAULT_NYDUS_SOCKET
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """Everything, as `d7y-node config` prints it."""
 
@@ -163,6 +180,11 @@ class NodeConfig:
     peer_listen: Listen = Listen("0.0.0.0", 65002)
     log_level: str = "info"
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    snapshotter: SnapshotterConfig = field(default_factory=SnapshotterConfig)
+    # Keep each FUSE mount's connection in a keeper process (fuse_handover.py), so that a node
+    # killed with kill -9 hands its mounts, and the containers reading them, to its next start.
+    # Off by default: a killed node that is never started again leaves mounts that wait for it.
+    fuse_handover: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """The flat, user-facing form (the same keys as the YAML file)."""
@@ -203,6 +225,20 @@ def parse_size(key: str, value: Any) -> int:
     if size <= 0:
         raise ConfigError(key, "must be more than 0")
     return size
+
+
+_SWITCH_WORDS = {"on": True, "true": True, "yes": True, "1": True,
+                 "off": False, "false": False, "no": False, "0": False}
+
+
+def parse_switch(key: str, value: Any) -> bool:
+    """on/off (also true/false, yes/no, 1/0, or a YAML boolean)."""
+    if isinstance(value, bool):
+        return value
+    word = _SWITCH_WORDS.get(str(value).strip().lower())
+    if word is None:
+        raise ConfigError(key, f"expected on or off, got {value!r}")
+    return word
 
 
 def parse_duration(key: str, value: Any) -> float:
@@ -354,6 +390,15 @@ def parse_path(key: str, value: Any) -> Path:
         raise ConfigError(key, f"cannot expand {value!r}: no such home directory") from None
 
 
+def parse_socket_path(key: str, value: Any) -> Path:
+    """A unix socket path: absolute once expanded, and short enough for sun_path."""
+    path = parse_path(key, value)
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
+        raise ConfigError(key, f"a unix socket path is at most {MAX_SOCKET_PATH_BYTES} bytes, "
+                               f"got {path}")
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 # The options: one row per user-facing key.
 
@@ -442,6 +487,17 @@ def _options() -> dict[str, Option]:
                "DURATION"),
         Option("node_id", ("cluster", "node_id"), parse_optional(parse_node_id),
                "this member's id (default: one stored in the data dir)", "ID"),
+        Option("snapshotter_socket", ("snapshotter", "socket"),
+               parse_optional(parse_socket_path),
+               "containerd snapshotter socket (proxy_plugins address); off to not serve it",
+               "PATH"),
+        Option("nydus_socket", ("snapshotter", "nydus_socket"),
+               parse_optional(parse_socket_path),
+               "also serve the snapshotter on nydus-snapshotter's socket path when it is free; "
+               "off to not", "PATH"),
+        Option("fuse_handover", ("fuse_handover",), parse_switch,
+               "on: FUSE mounts outlive a killed node and the next start serves them on "
+               "(running containers keep working)", "on|off"),
     ]
     return {row.key: row for row in rows}
 

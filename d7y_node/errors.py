@@ -100,3 +100,25 @@ class PieceCorrupt(PeerFailed):
 
 class NodeUnreachable(D7yError):
     """A command could not reach the running node's peer port (refused, timed out)."""
+
+
+class SnapshotError(D7yError):
+    """A containerd snapshots call that cannot be done; `snapshotter.py` maps each subclass to
+    the gRPC status containerd turns into its own error (errdefs)."""
+
+
+class SnapshotNotFound(SnapshotError):
+    """No snapshot has that key or name (gRPC NOT_FOUND)."""
+
+
+class SnapshotAlreadyExists(SnapshotError):
+    """A snapshot with that key or name exists already (gRPC ALREADY_EXISTS)."""
+
+
+class SnapshotFailedPrecondition(SnapshotError):
+    """The snapshot is not in a state that allows the call: committing a committed one,
+    removing one with children (gRPC FAILED_PRECONDITION)."""
+
+
+class SnapshotInvalidArgument(SnapshotError):
+    """A key, label, filter or field mask that is malformed (gRPC INVALID_ARGUMENT)."""

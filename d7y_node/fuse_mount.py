@@ -36,7 +36,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from d7y_node import fuse_kernel
 from d7y_node.errors import D7yError, RafsError, TaskFailed
@@ -54,6 +54,9 @@ from d7y_node.rafs import Attributes, Chunk, DirectoryEntry, Filesystem, open_bo
 from d7y_node.rafs.chunks import MAX_CHUNK_SIZE
 from d7y_node.rafs.tree import MAX_NAME_LENGTH, ROOT_INO
 from d7y_node.tasks import PieceSource, TaskHandle, TaskManager
+
+if TYPE_CHECKING:
+    from d7y_node.fuse_handover import Handover
 
 log = logging.getLogger(__name__)
 
@@ -676,18 +679,26 @@ class Prefetcher:
 
 
 class DirectoryBlobSource:
-    """Blobs as files in one directory, each named by its blob id (`--blob-dir`)."""
+    """Blobs as files in one directory, each named by its blob id (`--blob-dir`); `files`
+    names blobs kept elsewhere (blob id -> path), e.g. the blob a bootstrap was inlined in."""
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, directory: str | os.PathLike[str],
+        files: Mapping[str, str | os.PathLike[str]] | None = None,
+    ) -> None:
         self.directory = Path(directory)
+        self.paths = {blob_id: Path(path) for blob_id, path in (files or {}).items()}
         self._files: dict[str, int] = {}
 
     def _fd(self, blob_id: str) -> int:
         fd = self._files.get(blob_id)
         if fd is None:
-            if not blob_id or "/" in blob_id or blob_id in (".", ".."):
-                raise RafsError(f"invalid blob id {blob_id!r}")
-            fd = os.open(self.directory / blob_id, os.O_RDONLY | os.O_CLOEXEC)
+            path = self.paths.get(blob_id)
+            if path is None:
+                if not blob_id or "/" in blob_id or blob_id in (".", ".."):
+                    raise RafsError(f"invalid blob id {blob_id!r}")
+                path = self.directory / blob_id
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             self._files[blob_id] = fd
         return fd
 
@@ -844,11 +855,18 @@ class RafsMount:
         mountpoint: str | os.PathLike[str],
         blob_source: BlobSource,
         options: MountOptions | None = None,
+        *,
+        handover: Handover | None = None,
     ) -> None:
         self.bootstrap_path = Path(bootstrap)
         self.mountpoint = os.path.abspath(mountpoint)
         self.blob_source = blob_source
         self.options = options or MountOptions()
+        # With a keeper (`fuse_handover.py`): a connection a killed process left there is
+        # served again instead of mounting anew, and each new one is deposited with the keeper.
+        self.handover = handover
+        # Whether this mount took over a live connection (running users kept their files).
+        self.adopted = False
         self._bootstrap: mmap.mmap | bytes | None = None
         self._filesystem: Filesystem | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -900,7 +918,15 @@ class RafsMount:
         request = MountRequest(
             self.mountpoint, source=options.source_name, allow_other=options.allow_other
         )
-        if await fuse_kernel.clean_stale_mount(self.mountpoint):
+        if self.handover is not None and await self._adopt(operations):
+            self._start_prefetch(filesystem)
+            log.info("took over the mount of %s at %s", self.bootstrap_path, self.mountpoint)
+            return
+        if self.handover is not None:
+            cleaned = await self.handover.clean(self.mountpoint)
+        else:
+            cleaned = await fuse_kernel.clean_stale_mount(self.mountpoint)
+        if cleaned:
             log.warning("%s: cleaned a mount left by a server that is gone", self.mountpoint)
         fd = await asyncio.to_thread(fuse_kernel.mount, request)
         self._mounted = True
@@ -916,10 +942,42 @@ class RafsMount:
             with contextlib.suppress(asyncio.CancelledError):
                 await initialized
             raise RafsError(f"{self.mountpoint}: the kernel did not initialise the FUSE mount")
+        if self.handover is not None:
+            try:
+                await self.handover.deposit(self.mountpoint, fd, self._session.protocol_minor)
+            except D7yError as error:
+                log.warning("%s: the mount will not outlive this process: %s", self.mountpoint,
+                            error)
+        self._start_prefetch(filesystem)
+        log.info("mounted %s at %s", self.bootstrap_path, self.mountpoint)
+
+    def _start_prefetch(self, filesystem: Filesystem) -> None:
+        options = self.options
         if options.prefetch_files or options.prefetch_blobs:
             self.prefetcher = Prefetcher(filesystem, self.blob_source, options)
             self._prefetch = asyncio.create_task(self.prefetcher.run(), name="rafs prefetch")
-        log.info("mounted %s at %s", self.bootstrap_path, self.mountpoint)
+
+    async def _adopt(self, operations: RafsOperations) -> bool:
+        """Serve the connection the keeper holds for this mount point, if any and if it is still
+        mounted there; True when this mount now serves it."""
+        assert self.handover is not None
+        held = await self.handover.withdraw(self.mountpoint)
+        if held is None:
+            return False
+        session = FuseSession(held.fd, operations, name=f"mount {self.mountpoint}")
+        session.adopt(held.protocol_minor)
+        serving = asyncio.create_task(session.serve(), name=f"fuse {self.mountpoint}")
+        # Served now, so looking at the mount point cannot wait for an absent server.
+        if not await asyncio.to_thread(fuse_kernel.is_mount_point, self.mountpoint):
+            session.close()
+            with contextlib.suppress(Exception):
+                await serving
+            await self.handover.release(self.mountpoint)
+            return False
+        self._session, self._serving = session, serving
+        self._mounted = True
+        self.adopted = True
+        return True
 
     async def serve(self) -> None:
         """Wait until the mount ends (unmounted here or from outside)."""
@@ -931,6 +989,9 @@ class RafsMount:
         `UNMOUNT_GRACE` seconds; then the connection is aborted."""
         if self._mounted:
             self._mounted = False
+            if self.handover is not None:
+                # Else the keeper's copy would keep the connection (and its waiters) alive.
+                await self.handover.release(self.mountpoint)
             try:
                 await asyncio.to_thread(fuse_kernel.unmount, self.mountpoint)
             except OSError as error:

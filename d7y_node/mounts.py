@@ -16,7 +16,9 @@ Owns:
   rewrite each other's), and the node's peer address (`mounts/node-address`) so commands given
   only the data dir find the node;
 - `MountManager`: mounts made by one process, their registry, unmount on shutdown, and at start
-  the cleanup of mount points a crashed server left (ENOTCONN) from the recorded list;
+  the cleanup of mount points a crashed server left (ENOTCONN) from the recorded list, then
+  (`restore`, a node only) mounting again what the node had recorded, or, with a keeper of FUSE
+  connections (`fuse_handover.py`), serving on the same connections;
 - the node's routes on the peer port: `POST /api/v1/mounts` (body: a `MountSpec`; answers once
   the kernel has initialised the mount), `DELETE /api/v1/mounts?mountpoint=P`,
   `GET /api/v1/mounts`. Only loopback clients (a mount names paths on this host), and with a
@@ -69,6 +71,7 @@ from d7y_node.tasks import TaskManager
 if TYPE_CHECKING:
     # The FUSE and RAFS stack (and zstandard, lz4, blake3 under it) loads on the first mount, not
     # at start: a node that never mounts keeps its idle RSS a few MB lower.
+    from d7y_node.fuse_handover import Handover
     from d7y_node.fuse_mount import (
         DirectoryBlobSource,
         MountOptions,
@@ -467,12 +470,16 @@ class MountManager:
         resolver: ImageResolver | None = None,
         auth: PeerAuth | None = None,
         served_by: str = SERVED_BY_NODE,
+        handover: Handover | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.records = MountRecords(data_dir)
         self.resolver = resolver
         self.auth = auth
         self.served_by = served_by
+        # A keeper of FUSE connections (`fuse_handover.py`): mounts outlive a killed node and
+        # the next one serves them on (running users keep their open files).
+        self.handover = handover
         self._mounts: dict[str, ActiveMount] = {}
         self._busy: set[str] = set()
         self._closing = False
@@ -493,7 +500,7 @@ class MountManager:
                     and _process_alive(record.pid)):
                 continue
             try:
-                if await fuse_kernel.clean_stale_mount(mountpoint):
+                if await self._clean(mountpoint):
                     log.warning("%s: unmounted a mount left by a server that is gone", mountpoint)
                     cleaned.append(mountpoint)
             except OSError as err:
@@ -501,6 +508,50 @@ class MountManager:
                 continue
             self.records.remove(mountpoint)
         return cleaned
+
+    async def restore(self) -> list[str]:
+        """At a node's start: mount again what a node served here before it stopped or crashed
+        (the records of its mounts), after cleaning what a dead server left; forget the records
+        of dead foreground commands, as `clean_stale` does. The mount points mounted again.
+
+        Credentials are never written to the data dir: an image mount that needed an
+        `Authorization` is mounted again with the registry settings of the node's config
+        only, and when that is refused its record is dropped (logged)."""
+        restored: list[str] = []
+        for record in self.records.all():
+            mountpoint = record.spec.mountpoint
+            # (Not by pid: a node in a container is pid 1 in every life.)
+            if mountpoint in self._mounts or record.served_by != SERVED_BY_NODE:
+                continue
+            try:
+                await self.mount(record.spec)
+            except (D7yError, OSError) as err:
+                log.warning("%s: cannot mount again after the restart: %s", mountpoint, err)
+                self.records.remove(mountpoint)
+                with contextlib.suppress(OSError):
+                    await self._clean(mountpoint)
+                continue
+            log.info("%s: mounted again after the restart", mountpoint)
+            restored.append(mountpoint)
+        if self.handover is not None:
+            # Connections kept for mounts nobody records any more are ended.
+            for mountpoint in await self.handover.held():
+                if mountpoint not in self._mounts:
+                    await self.handover.detach(mountpoint)
+        await self.clean_stale()  # the records of dead foreground commands
+        return restored
+
+    async def _clean(self, mountpoint: str) -> bool:
+        """Clean a stale mount point without ever asking a mount that no process serves but a
+        keeper holds (that would wait forever): with our keeper such a one is detached, without
+        it (a foreground command) it is left for the node."""
+        if self.handover is not None:
+            return await self.handover.clean(mountpoint)
+        from d7y_node.fuse_handover import held_by_keeper
+
+        if _normal(mountpoint) in await asyncio.to_thread(held_by_keeper, self.data_dir):
+            raise OSError(errno.EBUSY, "a keeper holds it for the node")
+        return await fuse_kernel.clean_stale_mount(mountpoint)
 
     def advertise(self, address: Listen) -> None:
         """Note where this node's peer port listens, for commands given only the data dir."""
@@ -542,12 +593,13 @@ class MountManager:
                                  status=409)
         self._busy.add(mountpoint)
         try:
-            if await fuse_kernel.clean_stale_mount(mountpoint):
+            if self.handover is None and await self._clean(mountpoint):
                 log.warning("%s: unmounted a mount left by a server that is gone", mountpoint)
             bootstrap, source = await self._prepare(spec)
             from d7y_node.fuse_mount import RafsMount
 
-            mount = RafsMount(bootstrap, mountpoint, source, spec.options())
+            mount = RafsMount(bootstrap, mountpoint, source, spec.options(),
+                              handover=self.handover)
             try:
                 await mount.__aenter__()
             except BaseException:
@@ -565,7 +617,7 @@ class MountManager:
         self, spec: MountSpec
     ) -> tuple[Path, DirectoryBlobSource | TaskBlobSource]:
         if spec.image is None:
-            return _local_source(spec)
+            return await asyncio.to_thread(_local_source, spec, self.data_dir)
         if self.resolver is None:
             raise D7yError("image mounts need the node's registry client and piece store")
         image = await self.resolver.resolve(spec)
@@ -663,7 +715,9 @@ def _normal(path: str) -> str:
     return os.path.abspath(path)
 
 
-def _local_source(spec: MountSpec) -> tuple[Path, DirectoryBlobSource]:
+def _local_source(
+    spec: MountSpec, data_dir: Path | None = None
+) -> tuple[Path, DirectoryBlobSource]:
     from d7y_node.fuse_mount import DirectoryBlobSource
 
     assert spec.bootstrap is not None and spec.blob_dir is not None
@@ -671,7 +725,35 @@ def _local_source(spec: MountSpec) -> tuple[Path, DirectoryBlobSource]:
         raise InvalidRequest("MOUNT_INVALID", f"no bootstrap file {spec.bootstrap}")
     if not os.path.isdir(spec.blob_dir):
         raise InvalidRequest("MOUNT_INVALID", f"no blob directory {spec.blob_dir}")
+    if data_dir is not None:
+        inlined = _inlined_bootstrap(Path(spec.bootstrap), data_dir)
+        if inlined is not None:
+            bootstrap, blob_id = inlined
+            return bootstrap, DirectoryBlobSource(spec.blob_dir, {blob_id: spec.bootstrap})
     return Path(spec.bootstrap), DirectoryBlobSource(spec.blob_dir)
+
+
+def _inlined_bootstrap(path: Path, data_dir: Path) -> tuple[Path, str] | None:
+    """When `path` is a data blob with its bootstrap inlined (`rafs.inlined`), that bootstrap
+    extracted into the data dir (once per content) and the id its blob table gives `path`;
+    None when `path` is a bootstrap itself (or no blob with one inlined: the mount says why)."""
+    from d7y_node.rafs.blob import FileReader
+    from d7y_node.rafs.inlined import is_bootstrap, read_inlined_bootstrap
+
+    with FileReader(path) as reader:
+        if is_bootstrap(reader):
+            return None
+        inlined = read_inlined_bootstrap(reader, name=str(path))
+    if inlined is None:
+        return None
+    digest = hashlib.sha256(inlined.bootstrap).hexdigest()
+    target = data_dir / MOUNTS_DIR / BOOTSTRAPS_DIR / f"inlined-{digest}.boot"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        temporary.write_bytes(inlined.bootstrap)
+        os.replace(temporary, target)
+    return target, inlined.blob_id
 
 
 def _error(status: int, code: str, message: str) -> web.Response:

@@ -32,8 +32,9 @@ import aiohttp
 from aiohttp import web
 
 from d7y_node import __version__
-from d7y_node.config import ClusterConfig, Listen, NodeConfig
+from d7y_node.config import DEFAULT_SNAPSHOTTER_SOCKET, ClusterConfig, Listen, NodeConfig
 from d7y_node.errors import ConfigError
+from d7y_node.fuse_handover import MOUNTS_SCOPE, SNAPSHOTS_SCOPE, Handover, detach_all
 from d7y_node.gossip import (
     ClusterKey,
     EventKind,
@@ -47,6 +48,7 @@ from d7y_node.gossip import (
 from d7y_node.gossip.messages import Address, Load, MemberState
 from d7y_node.metrics import Metrics, StatSample
 from d7y_node.mounts import ImageResolver, MountManager
+from d7y_node.nydus_snapshots import NydusLayers
 from d7y_node.p2p import ClusterScheduler, RegistryOrigins
 from d7y_node.peer import (
     AUTH_HEADER,
@@ -62,6 +64,14 @@ from d7y_node.preheat import register_commands
 from d7y_node.proxy import ProxyServer
 from d7y_node.registry import RegistryClient
 from d7y_node.scheduler import Tracker
+from d7y_node.snapshotter import (
+    SNAPSHOTTER_DIR,
+    NoRemoteLayers,
+    RemoteLayers,
+    SnapshotsService,
+    Snapshotter,
+    SnapshotterServer,
+)
 from d7y_node.tasks import PieceSource, TaskManager
 
 log = logging.getLogger(__name__)
@@ -191,8 +201,15 @@ class DataDirLock:
 class Node:
     """One host's d7y-node: every service, wired together and run on the current loop."""
 
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, *, remote_layers: RemoteLayers | None = None) -> None:
         self.config = config
+        # containerd's snapshotter (built in `start`); `remote_layers` is its hook for remote
+        # (Nydus) layers, replaceable until `start`.
+        self.remote_layers: RemoteLayers = (
+            remote_layers if remote_layers is not None else NoRemoteLayers()
+        )
+        self.snapshotter: Snapshotter | None = None
+        self.snapshotter_server: SnapshotterServer | None = None
         self.metrics = Metrics()
         self.store = PieceStore(config.store, self.metrics)
         self.tasks = TaskManager(
@@ -225,12 +242,22 @@ class Node:
         self._join_task: asyncio.Task[None] | None = None
         self.metrics.observe(self._cluster_samples)
         # Mounts served by this node (`d7y-node mount`): unmounted on stop, stale ones cleaned
-        # at start.
+        # and the recorded ones mounted again at start.
+        # With `fuse_handover`, a keeper process holds every mount's FUSE connection, so a
+        # killed node's mounts are served on by its next start (fuse_handover.py).
+        data_dir = config.store.data_dir
         self.mounts = MountManager(
-            config.store.data_dir, auth=self.peer_auth,
-            resolver=ImageResolver(self.registry, self.tasks, config.store.data_dir,
+            data_dir, auth=self.peer_auth,
+            resolver=ImageResolver(self.registry, self.tasks, data_dir,
                                    config.registry.insecure_registries),
+            handover=Handover(data_dir, MOUNTS_SCOPE) if config.fuse_handover else None,
         )
+        if remote_layers is None and self.mounts.resolver is not None:
+            # Nydus images as remote snapshots (nydus_snapshots.py): blobs through this node.
+            self.remote_layers = NydusLayers.for_node(
+                data_dir, self.mounts.resolver,
+                handover=Handover(data_dir, SNAPSHOTS_SCOPE) if config.fuse_handover else None,
+            )
 
     async def start(self) -> None:
         """Start every service; returns once both ports accept connections."""
@@ -238,13 +265,18 @@ class Node:
         try:
             await self.store.open()
             await self.tasks.start()
-            await self.mounts.clean_stale()
+            if not self.config.fuse_handover:
+                # Connections a run with the handover on left in its keeper: nobody serves them.
+                await detach_all(self.config.store.data_dir)
+            # The mounts a node served here before a stop or crash are mounted again.
+            await self.mounts.restore()
             self.member_id = node_id_for(self.config.store.data_dir, self.config.cluster.node_id)
             self._build_cluster()
             self.proxy_address = await self._serve(self.proxy.app(), self.config.proxy.listen)
             self.peer_address = await self._serve(self._peer_app(), self.config.peer_listen)
             self.mounts.advertise(self.peer_address)
             await self._start_gossip()
+            await self._start_snapshotter()
         except BaseException:
             await self.stop()
             raise
@@ -259,12 +291,17 @@ class Node:
     async def stop(self) -> None:
         """Stop accepting, let responses finish briefly, stop downloads, flush, release the dir."""
         self._ready = False
+        if self.snapshotter_server is not None:
+            # containerd gets no new calls; the snapshotter itself closes with the services.
+            await self.snapshotter_server.close()
+            self.snapshotter_server = None
         await self._stop_gossip()
         for runner in reversed(self._runners):
             with contextlib.suppress(Exception):
                 await runner.cleanup()
         self._runners.clear()
-        for step in (self.mounts.close, self.tasks.close, self._close_cluster, self.registry.close,
+        for step in (self._close_snapshotter,
+                     self.mounts.close, self.tasks.close, self._close_cluster, self.registry.close,
                      self.store.close):
             try:
                 await step()
@@ -316,6 +353,37 @@ class Node:
         register_commands(app, self)  # `get` and `preheat` (fetch.py, preheat.py)
         self.mounts.register(app)  # `mount` and `umount` (mounts.py)
         return app
+
+    # -- containerd's snapshotter --------------------------------------------------------------
+
+    async def _start_snapshotter(self) -> None:
+        """Database opened and swept, remote mounts restored, then the sockets (the configured
+        one, and nydus-snapshotter's path if no other process serves it)."""
+        settings = self.config.snapshotter
+        if settings.socket is None and settings.nydus_socket is None:
+            return
+        snapshotter = Snapshotter(
+            self.config.store.data_dir / SNAPSHOTTER_DIR, remote=self.remote_layers
+        )
+        self.snapshotter = snapshotter
+        await snapshotter.open()
+        server = SnapshotterServer(SnapshotsService(snapshotter))
+        self.snapshotter_server = server
+        if settings.socket is not None:
+            # The default path is best effort (another node on this host may hold it); a path
+            # the user chose must be ours.
+            await server.listen(settings.socket,
+                                required=settings.socket != DEFAULT_SNAPSHOTTER_SOCKET)
+        if settings.nydus_socket is not None and settings.nydus_socket != settings.socket:
+            await server.listen(settings.nydus_socket, required=False, key="nydus_socket")
+
+    async def _close_snapshotter(self) -> None:
+        if self.snapshotter_server is not None:
+            await self.snapshotter_server.close()
+            self.snapshotter_server = None
+        snapshotter, self.snapshotter = self.snapshotter, None
+        if snapshotter is not None:
+            await snapshotter.close()
 
     # -- the cluster ---------------------------------------------------------------------------
 

@@ -627,6 +627,11 @@ class ClusterSource:
     async def content_length(self) -> int:
         return await self.origin.content_length()
 
+    def reads_whole_pieces(self) -> bool:
+        """Whether a read now goes to peers (`tasks.WholePieceSource`): they send whole pieces
+        whatever part is asked, so a lazy download takes the whole piece at once."""
+        return not (self._fallback or self.scheduler.is_origin_fetcher(self.task_key))
+
     def progressed(self) -> None:
         self._progress_at = self.scheduler._clock()
 

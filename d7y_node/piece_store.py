@@ -16,6 +16,15 @@ power cut is caught and fetched again. Syncing on every progress save would boun
 disk's write-back speed instead of the page cache's. (A killed process loses nothing: its writes
 are in the page cache.)
 
+Partial pieces: a lazily read task (a Nydus blob a mount reads chunk by chunk) may hold parts of
+a piece, in blocks of `BLOCK_SIZE` bytes, each with its own xxh3_64 (kept in the metadata too, and
+verified like pieces after a restart). A piece is *held* only once all of its blocks are: then
+its own xxh3_64 is recorded from the file (every block checked on the way) and the blocks are
+forgotten. Pieces stay the unit of everything else: the bitmap peers see, the digest a peer
+serves a piece with, the prefix sha256. Why blocks and not smaller pieces: the piece size is a
+function of the content length alone, so every host cuts a blob the same way and peers can
+exchange pieces; a mount must not change that geometry. Blocks refine a piece only locally.
+
 Also owns garbage collection (quota or disk, high/low watermarks, TTL, least recently used first,
 pinned tasks kept) and the bounded thread pool every blocking file operation runs in.
 
@@ -63,7 +72,17 @@ MAX_PIECE_SIZE = 16 * MIB
 # digest, one wakeup) negligible. With the 16 MiB cap, blobs up to 16 GiB have at most 1024 pieces.
 PIECES_BEFORE_GROWING = 64
 
+# Partial pieces of lazily read tasks are held in blocks of this size (a power of two, so it
+# divides every piece size). A lazy read fetches the blocks that cover it: a RAFS chunk read costs
+# its own compressed bytes plus at most two partial blocks, instead of whole 1-16 MiB pieces.
+# Smaller blocks waste less around each chunk but cost 8 bytes of digest each in the metadata of
+# a partial piece (16 KiB: 1 KiB for a 2 MiB piece), and a block is never fetched by itself
+# (adjacent missing blocks are one range request), so their number costs no requests.
+BLOCK_SIZE = 16 * 1024
+
 # Metadata format version; a file with another version is dropped (its task fetched again).
+# Partial pieces (key "blocks") were added without a new version: older readers ignore the key
+# (they fetch those bytes again), and a file without it has none.
 METADATA_VERSION = 1
 
 # Blocking file work (pwrite, hashing, verification) runs in this many threads: enough to overlap
@@ -99,6 +118,30 @@ def file_name_for(task_id: str) -> str:
 
 def _disk_error(err: OSError) -> bool:
     return err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def block_count(piece_length: int) -> int:
+    """Blocks of a piece of `piece_length` bytes (the last one may be short)."""
+    return (piece_length + BLOCK_SIZE - 1) // BLOCK_SIZE
+
+
+@dataclass(eq=False)
+class PartialPiece:
+    """The blocks held of one piece that is not held whole (a lazily read task's)."""
+
+    # One byte per block of the piece: 1 once the block is written and its digest recorded.
+    held: bytearray
+    # xxh3_64 of each block held (0 where not held).
+    digests: list[int]
+
+    @classmethod
+    def empty(cls, piece_length: int) -> PartialPiece:
+        count = block_count(piece_length)
+        return cls(bytearray(count), [0] * count)
+
+    @property
+    def complete(self) -> bool:
+        return self.held.find(0) < 0
 
 
 @dataclass(eq=False)
@@ -145,6 +188,8 @@ class StoredTask:
     # downloads so a resumed download does not hash that prefix again.
     prefix: tuple[int, Any] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Pieces held only in part, by index (never a piece in `done`); see the module docstring.
+    partial: dict[int, PartialPiece] = field(default_factory=dict)
 
     @property
     def piece_count(self) -> int:
@@ -161,6 +206,55 @@ class StoredTask:
 
     def has_piece(self, index: int) -> bool:
         return bool(self.done[index])
+
+    def holds(self, start: int, end: int) -> bool:
+        """Whether every byte of [start, end) is on disk: in held pieces, or in held blocks of
+        partial ones."""
+        if self.complete or start >= end:
+            return True
+        size = self.piece_size
+        for index in range(start // size, (end - 1) // size + 1):
+            if self.done[index]:
+                continue
+            partial = self.partial.get(index)
+            if partial is None:
+                return False
+            piece_start = index * size
+            first = (max(start, piece_start) - piece_start) // BLOCK_SIZE
+            last = (min(end, piece_start + size) - 1 - piece_start) // BLOCK_SIZE
+            if partial.held.find(0, first, last + 1) >= 0:
+                return False
+        return True
+
+    def missing_blocks(
+        self, index: int, ranges: Sequence[tuple[int, int]]
+    ) -> list[tuple[int, int]]:
+        """The byte ranges, block-aligned and clipped to piece `index`, of the blocks of that
+        piece that cover some of `ranges` (absolute [start, end) pairs) and are not held;
+        adjacent blocks are merged into one range. Empty when the piece is held."""
+        if self.done[index]:
+            return []
+        piece_start, piece_length = self.piece_range(index)
+        wanted = bytearray(block_count(piece_length))
+        for start, end in ranges:
+            start, end = max(start, piece_start), min(end, piece_start + piece_length)
+            if start >= end:
+                continue
+            first = (start - piece_start) // BLOCK_SIZE
+            last = (end - 1 - piece_start) // BLOCK_SIZE
+            wanted[first : last + 1] = b"\x01" * (last + 1 - first)
+        partial = self.partial.get(index)
+        missing: list[tuple[int, int]] = []
+        for block, want in enumerate(wanted):
+            if not want or (partial is not None and partial.held[block]):
+                continue
+            start = piece_start + block * BLOCK_SIZE
+            end = min(start + BLOCK_SIZE, piece_start + piece_length)
+            if missing and missing[-1][1] == start:
+                missing[-1] = (missing[-1][0], end)
+            else:
+                missing.append((start, end))
+        return missing
 
     def contiguous_end(self) -> int:
         """End offset of the run of held pieces that starts at 0."""
@@ -205,10 +299,48 @@ def encode_metadata(task: StoredTask) -> bytes:
             "attributes": task.attributes,
             "complete": task.complete,
             "last_access": task.last_access,
+            # [piece index, block bitmap, block digests] per partial piece (msgpack map keys
+            # must be strings here, so a list).
+            "blocks": [
+                [index, _encode_bitmap(partial.held),
+                 b"".join(d.to_bytes(8, "big") for d in partial.digests)]
+                for index, partial in sorted(task.partial.items())
+            ],
         },
         use_bin_type=True,
     )
     return encoded
+
+
+def _decode_partial(
+    blocks: object, done: bytearray, length: int, piece_size: int
+) -> dict[int, PartialPiece]:
+    if blocks is None:
+        return {}
+    if not isinstance(blocks, list):
+        raise BadMetadata("bad blocks")
+    partial: dict[int, PartialPiece] = {}
+    for item in blocks:
+        if not (isinstance(item, list) and len(item) == 3):
+            raise BadMetadata("bad blocks")
+        index, bitmap, digests = item
+        if (
+            not isinstance(index, int) or isinstance(index, bool)
+            or not 0 <= index < len(done) or done[index] or index in partial
+        ):
+            raise BadMetadata("bad partial piece index")
+        count = block_count(min(piece_size, length - index * piece_size))
+        if not isinstance(bitmap, bytes) or len(bitmap) != (count + 7) // 8:
+            raise BadMetadata("bad block bitmap")
+        if not isinstance(digests, bytes) or len(digests) != 8 * count:
+            raise BadMetadata("bad block digests")
+        held = _decode_bitmap(bitmap, count)
+        if held.find(1) < 0:
+            continue
+        partial[index] = PartialPiece(
+            held, [int.from_bytes(digests[i : i + 8], "big") for i in range(0, len(digests), 8)]
+        )
+    return partial
 
 
 class BadMetadata(ValueError):
@@ -254,6 +386,7 @@ def decode_metadata(raw: bytes, name: str) -> StoredTask:
     done = _decode_bitmap(bitmap, count)
     if complete and done.count(1) != count:
         raise BadMetadata("complete but pieces missing")
+    partial = {} if complete else _decode_partial(data.get("blocks"), done, length, piece_size)
     return StoredTask(
         task_id=task_id,
         name=name,
@@ -266,6 +399,7 @@ def decode_metadata(raw: bytes, name: str) -> StoredTask:
         complete=complete,
         last_access=float(last_access),
         needs_verify=not complete,
+        partial=partial,
     )
 
 
@@ -343,6 +477,82 @@ def _verify_pieces(task_view: tuple[int, int, int, bytes, list[int]]) -> tuple[l
             prefix.update(view[:size])
             prefix_end = start + size
     return bad, prefix_end, prefix
+
+
+def _read_exactly(fd: int, view: memoryview, offset: int) -> bool:
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n <= 0:
+            return False
+        got += n
+    return True
+
+
+def _verify_blocks(
+    fd: int, piece_start: int, piece_length: int, held: bytes, digests: list[int]
+) -> list[int]:
+    """The held blocks of one partial piece whose bytes on disk do not match their xxh3."""
+    bad: list[int] = []
+    block = bytearray(BLOCK_SIZE)
+    for index, is_held in enumerate(held):
+        if not is_held:
+            continue
+        start = piece_start + index * BLOCK_SIZE
+        view = memoryview(block)[: min(BLOCK_SIZE, piece_start + piece_length - start)]
+        if not _read_exactly(fd, view, start) or xxhash.xxh3_64_intdigest(view) != digests[index]:
+            bad.append(index)
+    return bad
+
+
+def _digest_assembled_piece(
+    fd: int, piece_start: int, piece_length: int, digests: list[int]
+) -> tuple[int, list[int]]:
+    """Read a piece whose blocks are all written: (its xxh3_64, the blocks that do not match
+    their digest). The piece digest counts only when no block is bad."""
+    whole = xxhash.xxh3_64()
+    bad: list[int] = []
+    buffer = bytearray(piece_length)
+    view = memoryview(buffer)
+    if not _read_exactly(fd, view, piece_start):
+        return 0, list(range(len(digests)))
+    for index, expected in enumerate(digests):
+        part = view[index * BLOCK_SIZE : (index + 1) * BLOCK_SIZE]
+        if xxhash.xxh3_64_intdigest(part) != expected:
+            bad.append(index)
+    whole.update(view)
+    return whole.intdigest(), bad
+
+
+class BlockDigests:
+    """A running digest (`update`) for a range that starts on a block boundary: the xxh3_64 of
+    each block it covers, for `PieceStore.record_blocks`. A range may end inside its last block
+    only at the end of the piece (a piece's last block may be short)."""
+
+    def __init__(self) -> None:
+        self.digests: list[int] = []
+        self._current = xxhash.xxh3_64()
+        self._filled = 0
+
+    def update(self, data: Chunk) -> None:
+        view = memoryview(data)
+        while len(view):
+            take = min(len(view), BLOCK_SIZE - self._filled)
+            self._current.update(view[:take])
+            self._filled += take
+            view = view[take:]
+            if self._filled == BLOCK_SIZE:
+                self.digests.append(self._current.intdigest())
+                self._current = xxhash.xxh3_64()
+                self._filled = 0
+
+    def finish(self) -> list[int]:
+        """Every block's digest, a short last block's too."""
+        if self._filled:
+            self.digests.append(self._current.intdigest())
+            self._current = xxhash.xxh3_64()
+            self._filled = 0
+        return self.digests
 
 
 def _replace_file(
@@ -633,12 +843,71 @@ class PieceStore:
             return
         task.done[index] = 1
         task.digests[index] = digest
+        task.partial.pop(index, None)
         task.unflushed += 1
+        self._account(task)
+
+    def _account(self, task: StoredTask) -> None:
         if task.fd is not None:
             allocated = _allocated(task.fd)
             self._allocated_total += allocated - task.allocated
             task.allocated = allocated
             self.metrics.store_bytes.set(self._allocated_total)
+
+    def record_blocks(self, task: StoredTask, start: int, digests: Sequence[int]) -> bool:
+        """Blocks from offset `start` (a block boundary) on are written, with these xxh3_64
+        digests, one per block, all in one piece. True when that piece now has every block (call
+        `assemble_piece` to make it a held piece)."""
+        index = start // task.piece_size
+        if task.done[index]:
+            return False
+        piece_start, piece_length = task.piece_range(index)
+        first = (start - piece_start) // BLOCK_SIZE
+        partial = task.partial.get(index)
+        if partial is None:
+            partial = task.partial[index] = PartialPiece.empty(piece_length)
+        if first < 0 or first + len(digests) > len(partial.held):
+            raise ValueError(f"blocks {first}+{len(digests)} are outside piece {index}")
+        for offset, digest in enumerate(digests, first):
+            partial.held[offset] = 1
+            partial.digests[offset] = digest
+        task.unflushed += 1
+        self._account(task)
+        return partial.complete
+
+    async def assemble_piece(self, task: StoredTask, index: int) -> bool:
+        """Make piece `index`, whose blocks are all written, a held piece: read it back, check
+        every block against its digest and record the piece's own digest. A block that does not
+        match is dropped (it must be fetched again) and the piece stays partial: False."""
+        partial = task.partial.get(index)
+        if task.done[index]:
+            return True
+        if partial is None or not partial.complete:
+            return False
+        assert task.fd is not None, "assembly of an unpinned task"
+        piece_start, piece_length = task.piece_range(index)
+        digest, bad = await self._run(
+            _digest_assembled_piece, task.fd, piece_start, piece_length, list(partial.digests)
+        )
+        if task.done[index] or task.partial.get(index) is not partial:
+            return bool(task.done[index])  # changed meanwhile (discarded, or held another way)
+        if bad:
+            self._drop_blocks(task, index, bad)
+            return False
+        self.record_piece(task, index, digest)
+        return True
+
+    def _drop_blocks(self, task: StoredTask, index: int, blocks: Sequence[int]) -> None:
+        partial = task.partial[index]
+        for block in blocks:
+            partial.held[block] = 0
+            partial.digests[block] = 0
+            self.metrics.piece_digest_failures.inc()
+        if partial.held.find(1) < 0:
+            del task.partial[index]
+        task.meta_dirty = True
+        log.warning("task %s: %d blocks of piece %d failed verification and will be fetched "
+                    "again", task.task_id, len(blocks), index)
 
     def flush_due(self, task: StoredTask, interval: float, pieces: int) -> bool:
         """Whether pending pieces justify a metadata write now."""
@@ -680,6 +949,7 @@ class PieceStore:
         """The task's sha256 matched: serve it as complete now; `flush` makes that durable."""
         task.complete = True
         task.reserve = False
+        task.partial.clear()
         task.meta_dirty = True
 
     async def complete(self, task: StoredTask) -> None:
@@ -709,7 +979,8 @@ class PieceStore:
         return await self._run(os.pread, task.fd, length, offset)
 
     async def verify(self, task: StoredTask) -> int:
-        """Check a reloaded partial task's pieces against their digests; drop bad ones.
+        """Check a reloaded partial task's pieces (and blocks of partial pieces) against their
+        digests; drop bad ones.
 
         Also computes the sha256 of the contiguous prefix (kept in `task.prefix`). Returns how
         many pieces were dropped."""
@@ -728,6 +999,17 @@ class PieceStore:
             log.warning("task %s: %d pieces failed verification and will be fetched again",
                         task.task_id, len(bad))
             task.meta_dirty = True
+        dropped_blocks = 0
+        for index, partial in list(task.partial.items()):
+            piece_start, piece_length = task.piece_range(index)
+            bad_blocks = await self._run(
+                _verify_blocks, task.fd, piece_start, piece_length, bytes(partial.held),
+                list(partial.digests),
+            )
+            if bad_blocks:
+                self._drop_blocks(task, index, bad_blocks)
+                dropped_blocks += len(bad_blocks)
+        if bad or dropped_blocks:
             await self.flush(task)
         task.prefix = (prefix_end, prefix)
         return len(bad)

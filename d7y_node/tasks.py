@@ -20,6 +20,31 @@ How one download runs (`_LiveTask`):
 - Readers get a piece as soon as it is written and its xxh3 recorded, except the content's last
   piece during a whole download: that one waits for the sha256 check, so a reader of the whole
   content always ends with the bytes or an error (`DigestMismatch`), never with bad bytes.
+- A lazy download (`whole=False`: a Nydus mount reading chunks, a `Range` request at the mirror)
+  fetches only the blocks (`piece_store.BLOCK_SIZE`) of a piece that its readers' ranges cover,
+  each run of missing blocks with one source read, and readers get their range as soon as its
+  blocks are written. Why not whole pieces: a RAFS chunk is often a few KiB to a few hundred
+  KiB, and a 2 MiB piece per chunk read multiplied the origin bytes of a container's start
+  several times (bench/README.md). What keeps it sound:
+  - verification is what it was: a piece fresh from the origin was never checked against
+    anything but the whole content's sha256 (its xxh3 is taken as it arrives, for the disk and
+    for peers), and a reader of part of a blob can never have that; a block gets its own xxh3
+    as it arrives, and a piece assembled from blocks gets its xxh3 only after every block was
+    read back and matched. The mount checks each chunk against the image's digest before use,
+    and a whole download still ends with the sha256 of everything;
+  - the piece store stays the only cache: blocks are written into the task's data file and
+    recorded (with an xxh3 each, verified after a restart) in its metadata;
+  - P2P: a piece is offered to peers (bitmap, `open_piece`) only once it is held whole, its
+    blocks checked and its own xxh3 recorded, so the peer protocol and the piece geometry do not
+    change. A peer holding part of a piece offers none of it: serving parts would need block
+    bitmaps and block digests in the protocol, for the rare case that two hosts read the same
+    chunk lazily while no host holds its piece. A lazy read served by peers (`ClusterSource`
+    off the task's home) still moves whole pieces between peers, and writes only its blocks;
+    the origin sees only what the home fetches. Since peers move whole pieces anyway, a source
+    that says its reads go to peers now (`WholePieceSource`) gets whole-piece fetches from a
+    lazy download too: one transfer per piece, not one per block run.
+  When a whole download widens a lazy one, a partly held piece is completed from its missing
+  blocks, not fetched again.
 - A `_LiveTask` exists while handles are open or a download runs; it holds one pin on the stored
   task (GC keeps it, its fd stays open for `Segment`s). A failed or stopped one is retired: new
   opens start a fresh one once it has torn down.
@@ -38,11 +63,11 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import xxhash
 
@@ -55,9 +80,11 @@ from d7y_node.errors import (
     UpstreamUnavailable,
 )
 from d7y_node.metrics import Metrics
-from d7y_node.piece_store import MIB, PieceStore, StoredTask
+from d7y_node.piece_store import MIB, BlockDigests, PieceStore, StoredTask
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # A worker writes what it received in batches of this size: big enough that the thread hop is
 # negligible, small enough that a worker holds little memory (two batches at most).
@@ -89,6 +116,16 @@ class PieceSource(Protocol):
     def read(self, offset: int, length: int) -> AsyncIterator[bytes]:
         """Yield exactly `length` bytes starting at `offset`, in order, in any chunking.
         Raises `UpstreamUnavailable` when the source breaks off (the caller may retry)."""
+        ...
+
+
+@runtime_checkable
+class WholePieceSource(Protocol):
+    """A `PieceSource` whose reads may move whole pieces whatever range is asked (peers serve
+    pieces whole): a lazy download then fetches whole pieces from it while it says so."""
+
+    def reads_whole_pieces(self) -> bool:
+        """Whether a read made now would move whole pieces."""
         ...
 
 
@@ -151,17 +188,35 @@ def _task_info(stored: StoredTask) -> TaskInfo:
     )
 
 
+async def _finish_even_if_cancelled(work: Awaitable[T]) -> T:
+    """Await `work` to its end even when the caller is cancelled meanwhile (the cancellation is
+    raised afterwards)."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([task])
+        raise
+
+
 class _PieceProgress:
-    """A piece being fetched: how much of it is written (contiguously from its start)."""
+    """A piece being fetched: how much of it is written (contiguously from its start). For a
+    lazy download's run of blocks (`whole_piece` False) the range is the run's and `digest`
+    keeps one xxh3 per block."""
 
-    __slots__ = ("digest", "index", "size", "start", "written")
+    __slots__ = ("digest", "index", "size", "start", "whole_piece", "written")
 
-    def __init__(self, index: int, start: int, size: int) -> None:
+    def __init__(
+        self, index: int, start: int, size: int, *, blocks: BlockDigests | None = None
+    ) -> None:
         self.index = index
         self.start = start
         self.size = size
         self.written = 0
-        self.digest = xxhash.xxh3_64()
+        self.whole_piece = blocks is None
+        self.digest: Any = xxhash.xxh3_64() if blocks is None else blocks
 
 
 class _LiveTask:
@@ -199,6 +254,8 @@ class _LiveTask:
         # Readers blocked on a piece (index -> how many), and pieces in readers' ranges.
         self.waiting: dict[int, int] = {}
         self.wanted: dict[int, int] = {}
+        # The byte ranges readers want, by piece (a lazy download fetches their blocks).
+        self.wanted_ranges: dict[int, list[tuple[int, int]]] = {}
         self.piece_events: dict[int, asyncio.Event] = {}
         self.work_available = asyncio.Event()
         # Whole downloads: lowest index that may still be missing and unassigned.
@@ -356,7 +413,10 @@ class _LiveTask:
     def _is_free(self, index: int) -> bool:
         stored = self.stored
         assert stored is not None
-        return not stored.done[index] and index not in self.in_flight
+        if stored.done[index] or index in self.in_flight:
+            return False
+        # A lazy download has work in a piece only where readers want blocks it lacks.
+        return self.whole or bool(stored.missing_blocks(index, self.wanted_ranges.get(index, ())))
 
     def _next_piece(self) -> int | None:
         stored = self.stored
@@ -389,8 +449,15 @@ class _LiveTask:
             start, size = stored.piece_range(index)
             progress = _PieceProgress(index, start, size)
             self.in_flight[index] = progress
+            by_blocks = (not self.whole or index in stored.partial) and not (
+                isinstance(self.source, WholePieceSource) and self.source.reads_whole_pieces()
+            )
             try:
-                await self._fetch_piece(progress)
+                if by_blocks:
+                    held = await self._fetch_blocks(index)
+                else:
+                    await self._fetch_piece(progress)
+                    held = True
             except asyncio.CancelledError:
                 raise
             except UpstreamStatus as err:
@@ -416,13 +483,45 @@ class _LiveTask:
                 return
             finally:
                 self.in_flight.pop(index, None)
-            self.store.record_piece(stored, index, progress.digest.intdigest())
-            self.manager._notify_progress(self.task_id)
-            event = self.piece_events.pop(index, None)
-            if event is not None:
-                event.set()
+            if not by_blocks:
+                self.store.record_piece(stored, index, progress.digest.intdigest())
+            if held:
+                self.manager._notify_progress(self.task_id)
+            self._wake_piece(index)
             self._kick_hasher()
             self._maybe_flush()
+
+    def _wake_piece(self, index: int) -> None:
+        """Readers waiting on piece `index` look again (it, or some of its blocks, arrived)."""
+        event = self.piece_events.pop(index, None)
+        if event is not None:
+            event.set()
+
+    async def _fetch_blocks(self, index: int) -> bool:
+        """Fetch the blocks of piece `index` that are missing and wanted (by readers; all of
+        them in a whole download), one source read per run of adjacent blocks; readers are
+        woken after each run. Returns whether the piece ended up held whole."""
+        stored = self.stored
+        assert stored is not None
+        piece_start, piece_length = stored.piece_range(index)
+        while not self.finished.is_set() and not stored.done[index]:
+            ranges = (
+                [(piece_start, piece_start + piece_length)] if self.whole
+                else self.wanted_ranges.get(index, [])
+            )
+            missing = stored.missing_blocks(index, ranges)
+            if not missing:
+                break
+            start, end = missing[0]
+            blocks = BlockDigests()
+            await self._fetch_piece(_PieceProgress(index, start, end - start, blocks=blocks))
+            if self.store.record_blocks(stored, start, blocks.finish()):
+                # Readers may already have their bytes and leave, stopping the download: the
+                # piece is still recorded before the stop saves the task's state.
+                await _finish_even_if_cancelled(self.store.assemble_piece(stored, index))
+            self._wake_piece(index)
+            self._maybe_flush()
+        return bool(stored.done[index])
 
     async def _fetch_piece(self, progress: _PieceProgress) -> None:
         """Fetch the rest of a piece, retrying broken reads from where they broke."""
@@ -515,6 +614,8 @@ class _LiveTask:
         offset = progress.start + progress.written
         await self.store.write(stored, offset, chunks, progress.digest)
         progress.written += size
+        if not progress.whole_piece:
+            return  # blocks join the hashed prefix only once their piece is held
         if offset == self.hash_position:
             self.fresh_batch = (offset, chunks, size)
         if progress.start <= self.hash_position < progress.start + progress.written:
@@ -665,10 +766,19 @@ class _LiveTask:
     async def wait_piece(self, index: int) -> None:
         stored = self.stored
         assert stored is not None
+        await self._wait(index, lambda: bool(stored.done[index]))
+
+    async def wait_range(self, index: int, start: int, end: int) -> None:
+        """Wait until [start, end), within piece `index`, is on disk (whole or in blocks)."""
+        stored = self.stored
+        assert stored is not None
+        await self._wait(index, lambda: stored.holds(start, end))
+
+    async def _wait(self, index: int, ready: Callable[[], bool]) -> None:
         while True:
             if self.failure is not None:
                 raise self.failure
-            if stored.done[index]:
+            if ready():
                 return
             if self.supervisor is None:
                 raise TaskFailed(f"task {self.task_id}: piece {index} is not stored and no "
@@ -698,13 +808,26 @@ class _LiveTask:
                 raise TaskFailed(f"task {self.task_id}: no download is running")
             await self.finished.wait()
 
-    def want(self, first: int, last: int, delta: int) -> None:
-        for index in range(first, last + 1):
+    def want(self, start: int, end: int, delta: int) -> None:
+        """A reader starts (`delta` 1) or stops (-1) wanting bytes [start, end)."""
+        stored = self.stored
+        assert stored is not None
+        size = stored.piece_size
+        for index in range(start // size, (end - 1) // size + 1):
             count = self.wanted.get(index, 0) + delta
             if count > 0:
                 self.wanted[index] = count
             else:
                 self.wanted.pop(index, None)
+            piece_range = (max(start, index * size), min(end, (index + 1) * size))
+            ranges = self.wanted_ranges.setdefault(index, [])
+            if delta > 0:
+                ranges.append(piece_range)
+            else:
+                with contextlib.suppress(ValueError):
+                    ranges.remove(piece_range)
+                if not ranges:
+                    del self.wanted_ranges[index]
         if delta > 0:
             self.work_available.set()
 
@@ -732,16 +855,26 @@ class _Handle:
         live.store.touch(stored)
         end = offset + length
         size = stored.piece_size
-        first, last = offset // size, (end - 1) // size
         lazy = not stored.complete
         if lazy:
-            live.want(first, last, 1)
+            live.want(offset, end, 1)
         try:
             position = offset
             while position < end:
                 index = position // size
                 if live.failure is not None and not stored.complete:
                     raise live.failure
+                if not stored.complete and not stored.done[index] and not live.whole:
+                    # A lazy download: the range's blocks may be all this piece ever holds.
+                    stop = min(end, (index + 1) * size)
+                    await live.wait_range(index, position, stop)
+                    if not stored.done[index]:
+                        fd = stored.fd
+                        if fd is None:
+                            raise TaskFailed(f"task {stored.task_id} is closed")
+                        yield Segment(fd, position, stop - position)
+                        position = stop
+                        continue
                 if not stored.complete and not stored.done[index]:
                     await live.wait_piece(index)
                 # Extend over the following pieces already held.
@@ -763,7 +896,7 @@ class _Handle:
                 position = stop
         finally:
             if lazy:
-                live.want(first, last, -1)
+                live.want(offset, end, -1)
 
     async def read(self, offset: int, length: int) -> bytes:
         stored = self._live.stored

@@ -20,7 +20,10 @@ import pytest
 from d7y_node.fuse_kernel import (
     INIT_ASYNC_READ,
     INIT_MAX_PAGES,
+    INIT_NO_OPEN_SUPPORT,
+    INIT_NO_OPENDIR_SUPPORT,
     OPEN_KEEP_CACHE,
+    READ_AHEAD_BYTES,
     DirectoryItem,
     Entry,
     FileAttributes,
@@ -31,10 +34,13 @@ from d7y_node.fuse_kernel import (
     Opened,
     encode_device,
     encode_dirents,
+    mount_device,
     xattr_reply,
 )
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")
+# What a kernel older than FUSE_NO_OPEN_SUPPORT (or one that must be asked for opens) offers.
+ASKED_OPENS = 0xFFFFFFFF & ~(INIT_NO_OPEN_SUPPORT | INIT_NO_OPENDIR_SUPPORT)
 OUT_HEADER = struct.Struct("<IiQ")
 DIRENT = struct.Struct("<QQII")
 
@@ -53,6 +59,7 @@ class FakeOperations:
         self.gate = asyncio.Event()
         self.gate.set()
         self.forgotten: list[tuple[int, int]] = []
+        self.opens = 0
 
     def lookup(self, parent: int, name: bytes) -> Entry:
         if name == b"file":
@@ -70,6 +77,7 @@ class FakeOperations:
         raise FuseError(errno.EINVAL)
 
     def open(self, ino: int, flags: int) -> Opened:
+        self.opens += 1
         return Opened(7, OPEN_KEEP_CACHE)
 
     async def read(self, ino: int, handle: int, offset: int, size: int) -> bytes:
@@ -82,6 +90,7 @@ class FakeOperations:
         pass
 
     def opendir(self, ino: int, flags: int) -> Opened:
+        self.opens += 1
         return Opened(0, 0)
 
     def readdir(self, ino: int, offset: int) -> Sequence[DirectoryItem]:
@@ -181,6 +190,12 @@ def test_dirents_fill_the_buffer_and_carry_next_offsets() -> None:
     assert encode_dirents(items, record - 1) == b""
 
 
+def test_mount_device_is_read_from_mountinfo(tmp_path: os.PathLike[str]) -> None:
+    device = os.stat("/").st_dev
+    assert mount_device("/") == f"{os.major(device)}:{os.minor(device)}"
+    assert mount_device(os.path.join(str(tmp_path), "not-a-mount-point")) is None
+
+
 def test_xattr_reply_sizes() -> None:
     assert xattr_reply(b"value", 0) == struct.pack("<II", 5, 0)
     assert xattr_reply(b"value", 5) == b"value"
@@ -197,7 +212,9 @@ async def test_init_negotiates_version_and_flags(kernel: tuple[FakeKernel, FuseS
     assert error == -errno.EIO
     payload = await fake.init(minor=40, flags=INIT_ASYNC_READ)
     major, minor, readahead, flags = struct.unpack_from("<IIII", payload)
-    assert (major, minor, readahead) == (7, 38, 131072)
+    # The readahead offered is raised to ours (the kernel keeps the smaller of it and the
+    # mount's bdi setting, which `mount` raises too).
+    assert (major, minor, readahead) == (7, 38, READ_AHEAD_BYTES)
     assert flags == INIT_ASYNC_READ  # never a flag the kernel did not offer
     assert not flags & INIT_MAX_PAGES
     assert session.initialized.is_set()
@@ -218,7 +235,7 @@ async def test_init_from_a_too_old_kernel_fails() -> None:
 
 async def test_metadata_requests(kernel: tuple[FakeKernel, FuseSession, FakeOperations]) -> None:
     fake, _, operations = kernel
-    await fake.init()
+    await fake.init(flags=ASKED_OPENS)
     error, payload = await fake.call(Opcode.LOOKUP, 1, b"file\0")
     assert error == 0 and len(payload) == 128
     nodeid, _generation, entry_valid, attr_valid = struct.unpack_from("<QQQQ", payload)
@@ -262,15 +279,56 @@ async def test_metadata_requests(kernel: tuple[FakeKernel, FuseSession, FakeOper
     await fake.send(Opcode.FORGET, 2, struct.pack("<Q", 3))
     await fake.send(Opcode.BATCH_FORGET, 0, struct.pack("<II", 2, 0) + struct.pack(
         "<QQQQ", 5, 1, 6, 2))
-    assert (await fake.call(Opcode.FLUSH, 2, bytes(24)))[0] == 0
+    # Nothing is ever dirty: the first FLUSH is ENOSYS, which tells the kernel to send none.
+    assert (await fake.call(Opcode.FLUSH, 2, bytes(24)))[0] == -errno.ENOSYS
     assert operations.forgotten == [(2, 3), (5, 1), (6, 2)]
+
+
+async def test_opens_cost_no_request_where_the_kernel_allows(
+    kernel: tuple[FakeKernel, FuseSession, FakeOperations],
+) -> None:
+    fake, _, operations = kernel
+    await fake.init()  # offers FUSE_NO_OPEN_SUPPORT and FUSE_NO_OPENDIR_SUPPORT
+    opens = operations.opens
+    # ENOSYS: "no open requests from now on, every open succeeds with keep_cache".
+    assert (await fake.call(Opcode.OPEN, 2, struct.pack("<II", os.O_RDONLY, 0)))[0] == (
+        -errno.ENOSYS)
+    assert (await fake.call(Opcode.OPENDIR, 1, struct.pack("<II", os.O_RDONLY, 0)))[0] == (
+        -errno.ENOSYS)
+    assert (await fake.call(Opcode.FLUSH, 2, bytes(24)))[0] == -errno.ENOSYS
+    assert operations.opens == opens
+    # Reads come with handle 0 then; they are answered as ever.
+    read_in = struct.pack("<QQIIQII", 0, 0, 5, 0, 0, 0, 0)
+    assert await fake.call(Opcode.READ, 2, read_in) == (0, b"AAAAA")
+
+
+async def test_opens_are_answered_when_asked_to(kernel: tuple[FakeKernel, FuseSession,
+                                                                FakeOperations]) -> None:
+    _, session, operations = kernel
+    session.close()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    asking = FuseSession(os.dup(ours.fileno()), operations, open_without_requests=False)
+    ours.close()
+    serving = asyncio.create_task(asking.serve())
+    try:
+        fake = FakeKernel(theirs)
+        await fake.init()
+        error, payload = await fake.call(Opcode.OPEN, 2, struct.pack("<II", os.O_RDONLY, 0))
+        assert error == 0 and struct.unpack("<QII", payload) == (7, OPEN_KEEP_CACHE, 0)
+        assert (await fake.call(Opcode.FLUSH, 2, bytes(24)))[0] == 0
+    finally:
+        asking.close()
+        await asyncio.wait_for(serving, 5)
+        theirs.close()
 
 
 async def test_a_malformed_request_gets_einval_and_the_session_goes_on(
     kernel: tuple[FakeKernel, FuseSession, FakeOperations],
 ) -> None:
     fake, _, _ = kernel
-    await fake.init()
+    await fake.init(flags=ASKED_OPENS)
     assert (await fake.call(Opcode.OPEN, 2, b"\1"))[0] == -errno.EINVAL  # body too short
     assert (await fake.call(Opcode.LOOKUP, 1, b"no terminating nul"))[0] == -errno.EINVAL
     await fake.send(Opcode.FORGET, 2, b"")  # no reply even when malformed

@@ -18,10 +18,13 @@ from d7y_node.config import StoreConfig, TaskConfig
 from d7y_node.errors import StoreFull
 from d7y_node.metrics import Metrics
 from d7y_node.piece_store import (
+    BLOCK_SIZE,
     MAX_PIECE_SIZE,
     MIB,
     MIN_PIECE_SIZE,
     BadMetadata,
+    BlockDigests,
+    PartialPiece,
     PieceStore,
     StoredTask,
     decode_metadata,
@@ -87,6 +90,7 @@ def test_piece_size_is_a_bounded_power_of_two(length: int) -> None:
     size = piece_size_for(length)
     assert MIN_PIECE_SIZE <= size <= MAX_PIECE_SIZE
     assert size & (size - 1) == 0
+    assert size % BLOCK_SIZE == 0  # blocks of partial pieces never straddle two pieces
     count = -(-length // size)
     if size < MAX_PIECE_SIZE:
         assert count <= 64
@@ -136,6 +140,120 @@ def test_metadata_of_another_task_is_rejected() -> None:
                       digests=[])
     with pytest.raises(BadMetadata, match="file name"):
         decode_metadata(encode_metadata(task), file_name_for("b"))
+
+
+def _partial_task(length: int) -> StoredTask:
+    size = piece_size_for(length)
+    count = -(-length // size)
+    return StoredTask(task_id="t", name=file_name_for("t"), content_length=length,
+                      piece_size=size, sha256=None, attributes={}, done=bytearray(count),
+                      digests=[0] * count)
+
+
+def test_partial_pieces_round_trip_and_bad_ones_are_rejected() -> None:
+    task = _partial_task(3 * MIB + 100)
+    task.done[0] = 1
+    task.digests[0] = 99
+    last = PartialPiece.empty(100)  # the short last piece: one short block
+    last.held[0], last.digests[0] = 1, 7
+    middle = PartialPiece.empty(MIB)
+    middle.held[3], middle.digests[3] = 1, 1 << 63
+    middle.held[63], middle.digests[63] = 1, 5
+    task.partial = {3: last, 1: middle, 2: PartialPiece.empty(MIB)}  # 2 holds nothing
+    back = decode_metadata(encode_metadata(task), task.name)
+    assert set(back.partial) == {1, 3}
+    assert (back.partial[1].held, back.partial[1].digests) == (middle.held, middle.digests)
+    assert (back.partial[3].held, back.partial[3].digests) == (last.held, last.digests)
+    # A partial piece that is also held, or a bitmap of the wrong size, is not trusted.
+    task.partial = {0: middle}
+    with pytest.raises(BadMetadata, match="partial piece"):
+        decode_metadata(encode_metadata(task), task.name)
+    task.partial = {3: middle}
+    with pytest.raises(BadMetadata, match="block"):
+        decode_metadata(encode_metadata(task), task.name)
+
+
+def test_held_ranges_and_missing_blocks() -> None:
+    task = _partial_task(2 * MIB)
+    task.done[1] = 1
+    assert task.holds(MIB, 2 * MIB) and not task.holds(MIB - 1, MIB + 1)
+    partial = task.partial[0] = PartialPiece.empty(MIB)
+    partial.held[1] = partial.held[2] = partial.held[-1] = 1
+    assert task.holds(BLOCK_SIZE, 3 * BLOCK_SIZE) and task.holds(2 * BLOCK_SIZE + 5, 3 * BLOCK_SIZE)
+    assert task.holds(MIB - 5, MIB + 9)  # the last block of piece 0, then the held piece 1
+    assert not task.holds(BLOCK_SIZE - 1, 2 * BLOCK_SIZE)
+    assert not task.holds(2 * BLOCK_SIZE, MIB)
+    # Missing blocks covering the ranges, adjacent ones merged, held ones left out.
+    assert task.missing_blocks(0, [(5, 10), (3 * BLOCK_SIZE - 1, 5 * BLOCK_SIZE + 1)]) == [
+        (0, BLOCK_SIZE), (3 * BLOCK_SIZE, 6 * BLOCK_SIZE),
+    ]
+    assert task.missing_blocks(0, [(MIB - BLOCK_SIZE - 1, MIB + 5)]) == [
+        (MIB - 2 * BLOCK_SIZE, MIB - BLOCK_SIZE)
+    ]
+    assert task.missing_blocks(1, [(0, 2 * MIB)]) == []
+
+
+@given(st.lists(st.binary(max_size=3 * BLOCK_SIZE), max_size=6))
+def test_block_digests_split_any_stream_at_block_edges(parts: list[bytes]) -> None:
+    data = b"".join(parts)
+    digests = BlockDigests()
+    for part in parts:
+        digests.update(part)
+    expected = [xxhash.xxh3_64_intdigest(data[i : i + BLOCK_SIZE])
+                for i in range(0, len(data), BLOCK_SIZE)]
+    assert digests.finish() == expected
+
+
+async def _write_blocks(store: PieceStore, task: StoredTask, start: int, data: bytes) -> bool:
+    digests = BlockDigests()
+    await store.write(task, start, [data], digests)
+    return store.record_blocks(task, start, digests.finish())
+
+
+async def test_blocks_that_fill_a_piece_make_it_held(tmp_path: Path) -> None:
+    data = os.urandom(MIB)
+    async with opened(tmp_path) as store:
+        task = await store.create("t", 2 * MIB, sha256=None, attributes={}, reserve=False)
+        assert not await _write_blocks(store, task, BLOCK_SIZE, data[BLOCK_SIZE:])
+        assert not await store.assemble_piece(task, 0) and not task.done[0]
+        assert await _write_blocks(store, task, 0, data[:BLOCK_SIZE])
+        assert await store.assemble_piece(task, 0)
+        assert task.done[0] and 0 not in task.partial
+        assert task.digests[0] == xxhash.xxh3_64_intdigest(data)
+        await store.release(task)
+
+
+async def test_a_bad_block_keeps_its_piece_partial(tmp_path: Path) -> None:
+    data = os.urandom(MIB)
+    async with opened(tmp_path) as store:
+        task = await store.create("t", MIB, sha256=None, attributes={}, reserve=False)
+        assert await _write_blocks(store, task, 0, data)
+        overwrite(tmp_path / "tasks" / (task.name + ".data"), 5 * BLOCK_SIZE + 3, b"!")
+        assert not await store.assemble_piece(task, 0)
+        assert not task.done[0] and task.partial[0].held.count(0) == 1
+        assert task.missing_blocks(0, [(0, MIB)]) == [(5 * BLOCK_SIZE, 6 * BLOCK_SIZE)]
+        assert sample(store.metrics, "d7y_piece_digest_failures_total") == 1
+        await store.release(task)
+
+
+async def test_verify_drops_blocks_whose_digest_does_not_match(tmp_path: Path) -> None:
+    async with opened(tmp_path) as store:
+        task = await store.create("t", 2 * MIB, sha256=None, attributes={}, reserve=False)
+        await _write_blocks(store, task, MIB, os.urandom(4 * BLOCK_SIZE))
+        await store.release(task)
+    overwrite(tmp_path / "tasks" / (task.name + ".data"), MIB + 2 * BLOCK_SIZE, b"!")
+    async with opened(tmp_path) as store:
+        task2 = store.get("t")
+        assert task2 is not None and task2.holds(MIB, MIB + 4 * BLOCK_SIZE)
+        store.pin(task2)
+        await store.verify(task2)
+        assert task2.holds(MIB, MIB + 2 * BLOCK_SIZE)
+        assert not task2.holds(MIB + 2 * BLOCK_SIZE, MIB + 3 * BLOCK_SIZE)
+        assert task2.holds(MIB + 3 * BLOCK_SIZE, MIB + 4 * BLOCK_SIZE)
+        await store.release(task2)
+    async with opened(tmp_path) as store:
+        task3 = store.get("t")  # the drop was saved
+        assert task3 is not None and task3.partial[1].held.count(1) == 3
 
 
 # -- files -------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import os
 import random
 import shutil
@@ -31,7 +32,14 @@ from d7y_node.errors import (
     UpstreamUnavailable,
 )
 from d7y_node.metrics import Metrics
-from d7y_node.piece_store import MIB, PieceStore, decode_metadata, encode_metadata
+from d7y_node.piece_store import (
+    BLOCK_SIZE,
+    MIB,
+    PieceStore,
+    StoredTask,
+    decode_metadata,
+    encode_metadata,
+)
 from d7y_node.tasks import PieceSource, TaskManager
 
 # A hook the source awaits before yielding each chunk: (read offset, chunk offset, attempt).
@@ -260,24 +268,150 @@ async def test_waiting_reader_piece_goes_first(tmp_path: Path) -> None:
         assert await handle.read(0, len(data)) == data
 
 
-async def test_lazy_task_fetches_only_the_pieces_read(tmp_path: Path) -> None:
+async def test_lazy_task_fetches_only_the_blocks_read(tmp_path: Path) -> None:
     data = payload(8 * MIB)
     source = MemorySource(data)
     async with Node(tmp_path) as node:
         async with node.manager.open("blob", source, sha256=sha(data), whole=False) as handle:
             assert await handle.read(3 * MIB + 10, 100) == data[3 * MIB + 10 : 3 * MIB + 110]
+            # Two bytes across a piece boundary: the last block of one, the first of the next.
             assert await handle.read(5 * MIB - 1, 2) == data[5 * MIB - 1 : 5 * MIB + 1]
-        assert sorted(source.pieces_read(MIB)) == [3, 4, 5]
+        assert source.reads == [
+            (3 * MIB, BLOCK_SIZE), (5 * MIB - BLOCK_SIZE, BLOCK_SIZE), (5 * MIB, BLOCK_SIZE),
+        ]
         info = node.manager.info("blob")
-        assert info is not None and info.pieces_done == 3 and not info.complete
+        assert info is not None and info.pieces_done == 0 and not info.complete
+        # Peers are offered whole pieces only.
+        assert node.manager.bitmap("blob") == bytes(8)
         # Reading the same bytes again needs nothing from the source.
         async with node.manager.open("blob", source, whole=False) as handle:
+            assert await handle.read(3 * MIB + 100, 10) == data[3 * MIB + 100 : 3 * MIB + 110]
+            assert len(source.reads) == 3
+            # The rest of piece 3 in one read; then the piece is held whole.
             assert await handle.read(3 * MIB, MIB) == data[3 * MIB : 4 * MIB]
-        assert len(source.reads) == 3
-        # A whole download of the same task fetches only the rest, then verifies it all.
+        assert source.reads[3:] == [(3 * MIB + BLOCK_SIZE, MIB - BLOCK_SIZE)]
+        assert node.manager.bitmap("blob") == b"\0\0\0\x01\0\0\0\0"
+        # A whole download of the same task fetches only the rest (blocks held are not fetched
+        # again), then verifies it all.
         assert await fetch(node.manager, "blob", source, data) == data
         await wait_for(lambda: (node.manager.info("blob") or _none).complete)
-        assert sorted(source.pieces_read(MIB)) == [0, 1, 2, 3, 4, 5, 6, 7]
+        assert source.bytes_sent == len(data)
+
+
+class PeerLikeSource(MemorySource):
+    """A source that says when its reads move whole pieces (as peers do)."""
+
+    whole_pieces = True
+
+    def reads_whole_pieces(self) -> bool:
+        return self.whole_pieces
+
+
+async def test_a_lazy_download_takes_whole_pieces_from_a_source_that_moves_them(
+    tmp_path: Path,
+) -> None:
+    data = payload(3 * MIB)
+    source = PeerLikeSource(data)
+    async with Node(tmp_path) as node, node.manager.open(
+        "blob", source, sha256=sha(data), whole=False
+    ) as handle:
+        assert await handle.read(MIB + 10, 10) == data[MIB + 10 : MIB + 20]
+        assert source.reads == [(MIB, MIB)]
+        assert node.manager.bitmap("blob") == b"\0\x01\0"
+        # The same source going to the origin again: blocks.
+        source.whole_pieces = False
+        assert await handle.read(2 * MIB + 10, 10) == data[2 * MIB + 10 : 2 * MIB + 20]
+        assert source.reads[1:] == [(2 * MIB, BLOCK_SIZE)]
+        # A piece held in part is then taken whole from peers (held blocks written again).
+        source.whole_pieces = True
+        assert await handle.read(2 * MIB, MIB) == data[2 * MIB :]
+        assert source.reads[2:] == [(2 * MIB, MIB)]
+        assert node.manager.bitmap("blob") == b"\0\x01\x01"
+
+
+async def test_a_piece_with_all_its_blocks_is_recorded_even_when_its_readers_leave(
+    tmp_path: Path,
+) -> None:
+    data = payload(2 * MIB)
+
+    async def first_piece_late(offset: int, position: int, attempt: int) -> None:
+        if offset < MIB and position == offset:
+            await asyncio.sleep(0.1)
+
+    async with Node(tmp_path, task_config=TaskConfig(origin_concurrency=2)) as node:
+        assemble = node.store.assemble_piece
+
+        async def slow_assembly(task: StoredTask, index: int) -> bool:
+            if index == 1:
+                await asyncio.sleep(1.0)
+            return await assemble(task, index)
+
+        node.store.assemble_piece = slow_assembly  # type: ignore[method-assign]
+        source = MemorySource(data, hook=first_piece_late)
+        async with node.manager.open("blob", source, sha256=sha(data), whole=False) as handle:
+            # Piece 1's blocks are in (its assembly still running) when piece 0's arrive.
+            assert await handle.read(0, 2 * MIB) == data
+            assert node.manager.bitmap("blob") == b"\x01\x00"
+        # The reader left, the download stopped, and still piece 1 was recorded (and saved).
+        await wait_for(lambda: node.metric("d7y_active_tasks") == 0)
+        assert node.manager.bitmap("blob") == b"\x01\x01"
+    (meta,) = (tmp_path / "tasks").glob("*.meta")
+    assert decode_metadata(meta.read_bytes(), meta.name[:-5]).done == bytearray([1, 1])
+
+
+async def test_concurrent_lazy_readers_of_one_piece_get_their_blocks(tmp_path: Path) -> None:
+    data = payload(2 * MIB)
+    ranges = [(offset, 3000) for offset in range(0, 2 * MIB - 3000, 97 * 1024)]
+    source = MemorySource(data, chunk_size=4096)
+    async with Node(tmp_path) as node, node.manager.open(
+        "blob", source, sha256=sha(data), whole=False
+    ) as handle:
+        results = await asyncio.gather(*(handle.read(o, n) for o, n in ranges))
+        assert results == [data[o : o + n] for o, n in ranges]
+        # Every block was fetched once, and only blocks some reader wanted.
+        fetched = sorted(source.reads)
+        assert all(a + n <= b for (a, n), (b, _) in itertools.pairwise(fetched))
+        wanted = {o // BLOCK_SIZE for o, _ in ranges} | {
+            (o + n - 1) // BLOCK_SIZE for o, n in ranges
+        }
+        assert source.bytes_sent == len(wanted) * BLOCK_SIZE
+
+
+async def test_lazy_blocks_survive_a_restart_and_a_bad_one_is_fetched_again(
+    tmp_path: Path,
+) -> None:
+    data = payload(3 * MIB)
+    async with Node(tmp_path) as node, node.manager.open(
+        "blob", MemorySource(data), sha256=sha(data), whole=False
+    ) as handle:
+        read = await handle.read(MIB + 5, 3 * BLOCK_SIZE)
+        assert read == data[MIB + 5 : MIB + 5 + 3 * BLOCK_SIZE]
+    (data_file,) = (tmp_path / "tasks").glob("*.data")
+    overwrite(data_file, MIB + BLOCK_SIZE + 7, b"garbage")
+    source = MemorySource(data)
+    async with Node(tmp_path) as node, node.manager.open(
+        "blob", source, sha256=sha(data), whole=False
+    ) as handle:
+        assert await handle.read(MIB, 4 * BLOCK_SIZE) == data[MIB : MIB + 4 * BLOCK_SIZE]
+        # Only the corrupted block came again; the three others were verified on disk.
+        assert source.reads == [(MIB + BLOCK_SIZE, BLOCK_SIZE)]
+        assert node.metric("d7y_piece_digest_failures_total") == 1
+
+
+async def test_a_lazy_reader_never_sees_a_block_that_failed(tmp_path: Path) -> None:
+    data = payload(2 * MIB)
+    source = MemorySource(data, length_status=None)
+
+    async def broken(offset: int, position: int, attempt: int) -> None:
+        raise UpstreamUnavailable("origin is down")
+
+    source.hook = broken
+    async with Node(tmp_path, task_config=TaskConfig(piece_retries=0)) as node:
+        async with node.manager.open("blob", source, sha256=sha(data), whole=False) as handle:
+            with pytest.raises(TaskFailed):
+                await handle.read(10, 10)
+        stored = node.store.get("blob")
+        assert stored is not None and not stored.partial and not stored.holds(10, 20)
 
 
 async def test_lazy_download_widens_when_a_whole_reader_comes(tmp_path: Path) -> None:
@@ -289,7 +423,9 @@ async def test_lazy_download_widens_when_a_whole_reader_comes(tmp_path: Path) ->
             assert node.metric("d7y_active_tasks") == 1
             assert await fetch(node.manager, "blob", source, data) == data
             assert lazy.info.complete
-        assert sorted(source.pieces_read(MIB)) == [0, 1, 2, 3, 4, 5]
+        # The lazy read's block first, then the rest: no byte twice.
+        assert source.reads[0] == (2 * MIB, BLOCK_SIZE)
+        assert source.bytes_sent == len(data)
         await wait_for(lambda: node.metric("d7y_active_tasks") == 0)
 
 
@@ -301,9 +437,9 @@ async def test_lazy_download_stops_with_its_last_reader(tmp_path: Path) -> None:
             assert await lazy.read(0, 10) == data[:10]
         await wait_for(lambda: node.metric("d7y_active_tasks") == 0)
         await asyncio.sleep(0.05)
-        assert source.pieces_read(MIB) == [0]
-        info = node.manager.info("blob")
-        assert info is not None and info.pieces_done == 1
+        assert source.reads == [(0, BLOCK_SIZE)]
+        stored = node.store.get("blob")
+        assert stored is not None and stored.pieces_done == 0 and stored.holds(0, BLOCK_SIZE)
 
 
 async def test_segments_merge_held_pieces(tmp_path: Path) -> None:
@@ -575,15 +711,19 @@ async def test_partial_task_resumes_with_only_missing_pieces(tmp_path: Path) -> 
     async with Node(tmp_path) as node, node.manager.open(
         "blob", MemorySource(data), sha256=sha(data), whole=False
     ) as handle:
-        await handle.read(0, 10)
+        await handle.read(0, MIB)
         await handle.read(4 * MIB, 10)
     source = MemorySource(data)
     async with Node(tmp_path) as node:
         info = node.manager.info("blob")
-        assert info is not None and info.pieces_done == 2
+        assert info is not None and info.pieces_done == 1
         assert await fetch(node.manager, "blob", source, data) == data
         await wait_for(lambda: (node.manager.info("blob") or _none).complete)
-        assert sorted(source.pieces_read(MIB)) == [1, 2, 3, 5]
+        # Piece 0 was held, and the block of piece 4 read before the restart is not fetched
+        # again.
+        assert sorted(source.pieces_read(MIB)) == [1, 2, 3, 4, 5]
+        assert (4 * MIB + BLOCK_SIZE, MIB - BLOCK_SIZE) in source.reads
+        assert source.bytes_sent == len(data) - MIB - BLOCK_SIZE
 
 
 async def test_corrupted_piece_on_disk_is_dropped_and_fetched_again(tmp_path: Path) -> None:
@@ -809,7 +949,7 @@ async def test_reloaded_partial_pieces_are_not_offered_until_verified(tmp_path: 
     async with Node(tmp_path) as node, node.manager.open(
         "blob", MemorySource(data), sha256=sha(data), whole=False
     ) as handle:
-        assert await handle.read(0, 10) == data[:10]
+        assert await handle.read(0, MIB) == data[:MIB]
     async with Node(tmp_path) as node:
         assert node.manager.bitmap("blob") == b"\x00\x00\x00"
         async with node.manager.open_piece("blob", 0) as held:

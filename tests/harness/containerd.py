@@ -14,7 +14,8 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.harness.process import ManagedProcess, run, wait_until
@@ -37,6 +38,30 @@ DISABLED_PLUGINS = (
     "io.containerd.tracing.processor.v1.otlp",
     "io.containerd.internal.v1.tracing",
 )
+
+# The namespace the CRI plugin keeps Kubernetes images and containers in.
+CRI_NAMESPACE = "k8s.io"
+CRI_PLUGIN = "io.containerd.grpc.v1.cri"
+
+
+@dataclass(frozen=True)
+class CriSettings:
+    """Turns the CRI plugin on (image service only: no CNI, so pods cannot network, which the
+    image service does not need): its snapshotter, snapshot labels for remote snapshotters, and
+    registry hosts from this daemon's hosts dir."""
+
+    snapshotter: str = "overlayfs"
+    # false: the CRI plugin passes the image ref and layer digest labels to the snapshotter.
+    disable_snapshot_annotations: bool = False
+
+
+@dataclass(frozen=True)
+class DaemonOptions:
+    """What a test changes in the default daemon: the CRI plugin, and snapshotters reached over
+    gRPC (`[proxy_plugins.<name>] type = "snapshot"`, name → unix socket path)."""
+
+    cri: CriSettings | None = None
+    proxy_snapshotters: Mapping[str, str] = field(default_factory=dict)
 
 
 def write_mirror_hosts(
@@ -70,8 +95,9 @@ def _mounts_under(root: Path) -> list[str]:
 class Containerd:
     """One containerd daemon; `ctr` calls go to its socket and use `hosts_dir` for registries."""
 
-    def __init__(self, work_dir: Path) -> None:
+    def __init__(self, work_dir: Path, options: DaemonOptions | None = None) -> None:
         self.work_dir = work_dir
+        self.options = options if options is not None else DaemonOptions()
         self.root = work_dir / "root"
         self.hosts_dir = work_dir / "certs.d"
         # A unix socket path must fit in 108 bytes; pytest's tmp paths can be longer.
@@ -83,8 +109,39 @@ class Containerd:
             log_path=work_dir / "containerd.log",
         )
 
+    @property
+    def cri_address(self) -> str:
+        """The CRI gRPC services share containerd's socket."""
+        return self.address
+
+    def _optional_config(self) -> list[str]:
+        lines: list[str] = []
+        for name, socket_path in self.options.proxy_snapshotters.items():
+            lines += [f'[proxy_plugins."{name}"]', '  type = "snapshot"',
+                      f'  address = "{socket_path}"']
+        cri = self.options.cri
+        if cri is not None:
+            plugin = f'[plugins."{CRI_PLUGIN}"'
+            lines += [
+                f"{plugin}]",
+                # The sandbox image is never pulled: the tests run no pods.
+                '  sandbox_image = "registry.invalid/pause:none"',
+                f"{plugin}.containerd]",
+                f'  snapshotter = "{cri.snapshotter}"',
+                "  disable_snapshot_annotations = "
+                f"{str(cri.disable_snapshot_annotations).lower()}",
+                f"{plugin}.registry]",
+                f'  config_path = "{self.hosts_dir}"',
+                f"{plugin}.cni]",
+                f'  bin_dir = "{self.work_dir / "cni-bin"}"',
+                f'  conf_dir = "{self.work_dir / "cni-conf"}"',
+            ]
+        return lines
+
     def _config(self) -> str:
-        disabled = ", ".join(f'"{plugin}"' for plugin in DISABLED_PLUGINS)
+        plugins = [plugin for plugin in DISABLED_PLUGINS
+                   if not (plugin == CRI_PLUGIN and self.options.cri is not None)]
+        disabled = ", ".join(f'"{plugin}"' for plugin in plugins)
         return "\n".join([
             "version = 2",
             f'root = "{self.root}"',
@@ -102,13 +159,25 @@ class Containerd:
             '  address = ""',
             '[plugins."io.containerd.internal.v1.opt"]',
             f'  path = "{self.work_dir / "opt"}"',
+            *self._optional_config(),
             "",
         ])
 
-    def start(self) -> None:
+    @property
+    def config_path(self) -> Path:
+        return self.work_dir / "config.toml"
+
+    def write_config(self) -> Path:
+        """Write config.toml as `start()` would (a test may then change it and start with
+        `write_config=False`)."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.hosts_dir.mkdir(parents=True, exist_ok=True)
-        (self.work_dir / "config.toml").write_text(self._config())
+        self.config_path.write_text(self._config())
+        return self.config_path
+
+    def start(self, *, write_config: bool = True) -> None:
+        if write_config:
+            self.write_config()
         self.process.start()
         wait_until(
             lambda: self.ctr(["version"], check=False).returncode == 0,
@@ -117,8 +186,9 @@ class Containerd:
 
     def ctr(
         self, arguments: Sequence[str], *, timeout: float = 60.0, check: bool = True,
+        namespace: str = NAMESPACE,
     ) -> subprocess.CompletedProcess[str]:
-        return run([CTR, "-a", self.address, "-n", NAMESPACE, *arguments], timeout=timeout,
+        return run([CTR, "-a", self.address, "-n", namespace, *arguments], timeout=timeout,
                    check=check)
 
     def pull(

@@ -78,6 +78,7 @@ IP_BINARY = "/usr/sbin/ip"
 TC_BINARY = "/usr/sbin/tc"
 NFT_BINARY = "/usr/sbin/nft"
 CURL_BINARY = "/usr/bin/curl"
+NSENTER_BINARY = "/usr/bin/nsenter"
 NAMESPACE_DIRECTORY = Path("/run/netns")
 NAMESPACE_PREFIX = "d7ylab-"
 LAB_ENVIRONMENT_VARIABLE = "D7Y_NETNS_LAB"
@@ -433,15 +434,30 @@ class NetworkLab:
 
     # running things in a host
 
+    def enter(self, host: Host, argv: Sequence[str], *, share_mounts: bool = False) -> list[str]:
+        """The command line that runs `argv` in `host`'s network.
+
+        `ip netns exec` (the default) also gives the program a mount namespace of its own, so
+        mounts it makes are invisible outside. `share_mounts` enters only the network namespace
+        (`nsenter --net`): the program's mounts are the machine's, e.g. a node whose FUSE mounts
+        a containerd on the host must see, or a containerd whose mounts runc must see.
+        """
+        if share_mounts:
+            return [NSENTER_BINARY, f"--net={NAMESPACE_DIRECTORY / host.namespace}", "--", *argv]
+        return [IP_BINARY, "netns", "exec", host.namespace, *argv]
+
     def process(
         self, host: Host, argv: Sequence[str], *, log_path: Path,
         env: Mapping[str, str] | None = None, cwd: Path | None = None,
+        share_mounts: bool = False,
     ) -> ManagedProcess:
-        """A ManagedProcess (not started) that runs `argv` inside `host`; the lab stops it."""
+        """A ManagedProcess (not started) that runs `argv` inside `host`; the lab stops it.
+
+        `share_mounts`: see `enter`."""
         environment = dict(os.environ if env is None else env)
         environment[LAB_ENVIRONMENT_VARIABLE] = self.lab_id
         managed = ManagedProcess(
-            [IP_BINARY, "netns", "exec", host.namespace, *argv],
+            self.enter(host, argv, share_mounts=share_mounts),
             log_path=log_path, cwd=cwd, env=environment,
         )
         host.processes.append(managed)
@@ -460,9 +476,11 @@ class NetworkLab:
 
     def run(
         self, host: Host, argv: Sequence[str], *, timeout: float, check: bool = True,
+        share_mounts: bool = False,
     ) -> subprocess.CompletedProcess[str]:
-        """Run a command in `host` to completion (process.run's contract)."""
-        return run([IP_BINARY, "netns", "exec", host.namespace, *argv], timeout=timeout,
+        """Run a command in `host` to completion (process.run's contract; `share_mounts`: see
+        `enter`)."""
+        return run(self.enter(host, argv, share_mounts=share_mounts), timeout=timeout,
                    check=check)
 
     def call_in(self, host: Host, function: Callable[[], T]) -> T:
@@ -606,11 +624,15 @@ class NetworkLab:
     def start_node(
         self, host: Host, work_dir: Path, *, registry_mirror: str | None = None,
         insecure_registries: Sequence[str] = (), extra_arguments: Sequence[str] = (),
+        share_mounts: bool = False,
     ) -> NamespacedNode:
-        """`d7y-node start` in `host`; `extra_arguments` carry e.g. --gossip-listen and --join."""
+        """`d7y-node start` in `host`; `extra_arguments` carry e.g. --gossip-listen and --join.
+
+        `share_mounts` (see `enter`): the node's FUSE mounts are visible on the machine."""
         node = NamespacedNode(
             self, host, work_dir, registry_mirror=registry_mirror,
             insecure_registries=insecure_registries, extra_arguments=extra_arguments,
+            share_mounts=share_mounts,
         )
         node.start()
         return node
@@ -676,7 +698,7 @@ class NamespacedNode(Node):
     def __init__(
         self, lab: NetworkLab, lab_host: Host, work_dir: Path, *,
         registry_mirror: str | None = None, insecure_registries: Sequence[str] = (),
-        extra_arguments: Sequence[str] = (),
+        extra_arguments: Sequence[str] = (), share_mounts: bool = False,
     ) -> None:
         super().__init__(work_dir, registry_mirror=registry_mirror,
                          insecure_registries=insecure_registries, extra_arguments=extra_arguments)
@@ -689,7 +711,8 @@ class NamespacedNode(Node):
         arguments[arguments.index("--proxy-listen") + 1] = f"0.0.0.0:{self.proxy_port}"
         arguments[arguments.index("--peer-listen") + 1] = f"{lab_host.address}:{self.peer_port}"
         arguments[arguments.index("--gossip-listen") + 1] = f"{lab_host.address}:{GOSSIP_PORT}"
-        self.process = lab.process(lab_host, arguments, log_path=work_dir / "node.log")
+        self.process = lab.process(lab_host, arguments, log_path=work_dir / "node.log",
+                                   share_mounts=share_mounts)
 
     @property
     def proxy_host(self) -> str:

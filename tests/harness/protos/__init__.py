@@ -1,0 +1,1 @@
+"""Generated protobuf modules of the tests (`make test-protos`), and their .proto sources."""
