@@ -1,7 +1,11 @@
-# d7y-node in a container: run it with the host's network, e.g.
+# d7y-node in a container: run it with the host's network, e.g. (mirror and P2P only)
 #   docker run -d --name d7y-node --network host -v /var/lib/d7y-node:/var/lib/d7y-node d7y-node
-# (later features - FUSE mounts and the snapshotter socket - also need --privileged and
-#  -v /run/d7y-node:/run/d7y-node:rshared).
+# As containerd's snapshotter it mounts FUSE filesystems that the host's containerd must see:
+#   docker run -d --name d7y-node --network host --privileged --device /dev/fuse \
+#     -v /var/lib/d7y-node:/var/lib/d7y-node:rshared -v /run/d7y-node:/run/d7y-node \
+#     -v /run/containerd-nydus:/run/containerd-nydus d7y-node
+# (rshared: mounts made under the data dir propagate to the host). A FUSE handover keeper dies
+# with the container, so there a crashed node's mounts end instead of being handed over.
 FROM python:3.11-slim-bookworm
 
 WORKDIR /src
