@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from d7y_node.config import StoreConfig, TaskConfig
 from d7y_node.errors import RafsError, UpstreamUnavailable
 from d7y_node.fuse_kernel import (
     OPEN_KEEP_CACHE,
@@ -39,8 +38,7 @@ from d7y_node.fuse_mount import (
     TokenBucket,
     merge_ranges,
 )
-from d7y_node.metrics import Metrics
-from d7y_node.piece_store import BLOCK_SIZE, PieceStore
+from d7y_node.piece_store import BLOCK_SIZE
 from d7y_node.rafs import Filesystem, open_bootstrap
 from d7y_node.tasks import TaskManager
 from tests.rafs.fixture_paths import FIXTURES
@@ -527,20 +525,6 @@ class BlobPieceSource:
         for start in range(offset, offset + length, 64 * 1024):
             yield self.data[start : min(offset + length, start + 64 * 1024)]
             await asyncio.sleep(0)
-
-
-@pytest.fixture
-async def task_manager(tmp_path: Path) -> AsyncIterator[TaskManager]:
-    metrics = Metrics()
-    store = PieceStore(StoreConfig(data_dir=tmp_path, gc_quota=1 << 40), metrics)
-    await store.open()
-    manager = TaskManager(store, TaskConfig(piece_retries=0), metrics)
-    await manager.start()
-    try:
-        yield manager
-    finally:
-        await manager.close()
-        await store.close()
 
 
 async def test_task_blob_source_fetches_only_the_pieces_a_read_needs(

@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +25,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from d7y_node.config import RegistryConfig, StoreConfig, TaskConfig
+from d7y_node.config import RegistryConfig
 from d7y_node.errors import InvalidRequest, RafsError
 from d7y_node.fuse_kernel import is_mount_point
 from d7y_node.fuse_mount import DirectoryBlobSource
@@ -41,7 +41,6 @@ from d7y_node.nydus_snapshots import (
     ImageLocation,
     NydusLayers,
 )
-from d7y_node.piece_store import PieceStore
 from d7y_node.rafs.builder import Tree, directory, regular_file, symlink
 from d7y_node.rafs.writer import WriterOptions, write_image
 from d7y_node.registry import RegistryClient
@@ -244,20 +243,6 @@ def written_image(blob_dir: Path) -> Written:
     image = write_image(tree, blob_dir, WriterOptions(compression_threads=1))
     blobs = {blob.blob_id: blob.path.read_bytes() for blob in image.blobs}
     return Written(image.bootstrap, blobs, files)
-
-
-@pytest.fixture
-async def task_manager(tmp_path: Path) -> AsyncIterator[TaskManager]:
-    metrics = Metrics()
-    store = PieceStore(StoreConfig(data_dir=tmp_path / "store", gc_quota=1 << 40), metrics)
-    await store.open()
-    manager = TaskManager(store, TaskConfig(piece_retries=0), metrics)
-    await manager.start()
-    try:
-        yield manager
-    finally:
-        await manager.close()
-        await store.close()
 
 
 @pytest.fixture

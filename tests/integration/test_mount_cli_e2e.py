@@ -27,8 +27,8 @@ from d7y_node.rafs.tree import ROOT_INO
 from tests.harness.node import node_command
 from tests.harness.process import run, wait_until
 from tests.integration.conftest import NodeFactory
+from tests.rafs.fixture_paths import FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "nydus"
 V6 = FIXTURES / "v6"
 BOOTSTRAP = V6 / "rafs-v6-2.2.boot"
 

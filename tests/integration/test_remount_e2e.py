@@ -29,8 +29,8 @@ from tests.harness.node import node_command
 from tests.harness.process import run
 from tests.harness.registry import Registry
 from tests.integration.conftest import SMALL_REPOSITORY, TAG, NodeFactory
+from tests.rafs.fixture_paths import FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "nydus"
 V6 = FIXTURES / "v6"
 BOOTSTRAP = V6 / "rafs-v6-2.2.boot"
 
