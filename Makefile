@@ -1,7 +1,7 @@
 # d7y-node: the commands. `scripts/start` and `scripts/test` are the two set-up commands of the
 # README (they need nothing but bash and apt); the targets here are shortcuts for developers.
 
-.PHONY: run test lint unit integration bench bench-mirror bench-p2p bench-lazy system-deps clean
+.PHONY: run test lint unit integration bench bench-mirror bench-p2p bench-lazy bench-startup system-deps clean
 
 VENV := source scripts/venv.sh dev &&
 SHELL := /bin/bash
@@ -24,7 +24,7 @@ unit:
 integration: system-deps
 	$(VENV) pytest -q -m integration $(ARGS)
 
-bench: bench-mirror bench-p2p bench-lazy
+bench: bench-mirror bench-p2p bench-lazy bench-startup
 
 bench-mirror: system-deps
 	$(VENV) python bench/mirror.py $(ARGS)
@@ -34,6 +34,9 @@ bench-p2p: system-deps
 
 bench-lazy: system-deps
 	$(VENV) python bench/lazy.py $(ARGS)
+
+bench-startup: system-deps
+	$(VENV) python bench/startup.py $(ARGS)
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache
