@@ -39,7 +39,7 @@ from d7y_node.tasks import TaskManager
 from tests.rafs.fixture_paths import FIXTURES
 from tests.rafs.image_builder import BLOB_ID, build
 from tests.rafs.test_fixtures import parse_result, tree_type
-from tests.test_fuse_mount import BlobPieceSource, sample_tree, task_manager  # noqa: F401
+from tests.test_fuse_mount import BlobPieceSource, sample_tree
 
 pytestmark = [
     pytest.mark.integration,
@@ -360,7 +360,7 @@ async def test_a_stale_mount_is_cleaned(synthetic: tuple[Path, Path], mountpoint
 
 
 async def test_mount_backed_by_the_task_manager_fetches_only_needed_pieces(
-    synthetic: tuple[Path, Path], mountpoint: Path, task_manager: TaskManager,  # noqa: F811
+    synthetic: tuple[Path, Path], mountpoint: Path, task_manager: TaskManager,
 ) -> None:
     bootstrap, blobs = synthetic
     blob = (blobs / BLOB_ID).read_bytes()
