@@ -62,6 +62,7 @@ from d7y_node.errors import (
     RafsError,
     UpstreamStatus,
 )
+from d7y_node.oci import Descriptor, default_platform, json_object
 from d7y_node.peer import AUTH_HEADER, PeerAuth, is_loopback
 from d7y_node.preheat import Platform, parse_image_reference
 from d7y_node.proxy import REPOSITORY_ATTRIBUTE, UPSTREAM_ATTRIBUTE
@@ -283,20 +284,6 @@ class NydusImage:
     blob_sizes: Mapping[str, int] = field(default_factory=dict)
 
 
-def _descriptor(entry: Any) -> tuple[str, int, str, dict[str, Any]]:
-    if not isinstance(entry, dict):
-        raise InvalidRequest("MANIFEST_INVALID", "a descriptor is not an object")
-    digest, size = entry.get("digest"), entry.get("size")
-    if not isinstance(digest, str) or not digest.startswith("sha256:") or len(digest) != 71:
-        raise InvalidRequest("MANIFEST_INVALID", "a descriptor without a sha256 digest")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise InvalidRequest("MANIFEST_INVALID", f"descriptor {digest} has a bad size")
-    annotations = entry.get("annotations") or {}
-    if not isinstance(annotations, dict):
-        raise InvalidRequest("MANIFEST_INVALID", f"descriptor {digest} has bad annotations")
-    return digest, size, str(entry.get("mediaType", "")), annotations
-
-
 def extract_bootstrap(layer: bytes) -> bytes:
     """`image/image.boot` out of a bootstrap layer (a tar.gz, or a plain tar)."""
     try:
@@ -348,12 +335,7 @@ class ImageResolver:
         for _depth in range(MAX_INDEX_DEPTH + 1):
             url = RegistryClient.manifest_url(upstream, repository, reference)
             answer = await self.registry.fetch("GET", url, headers, max_bytes=MAX_MANIFEST_BYTES)
-            try:
-                document = json.loads(answer.body)
-            except ValueError:
-                raise InvalidRequest("MANIFEST_INVALID", f"{spec.image}: not JSON") from None
-            if not isinstance(document, dict):
-                raise InvalidRequest("MANIFEST_INVALID", f"{spec.image}: not an object")
+            document = json_object(answer.body, f"manifest of {spec.image}")
             if "manifests" in document and "layers" not in document:
                 reference = self._choose(document, spec)
                 continue
@@ -363,12 +345,10 @@ class ImageResolver:
     def _choose(self, document: dict[str, Any], spec: MountSpec) -> str:
         """The index entry for `platform` (default: linux/<this machine>)."""
         if self.platform is None:
-            from d7y_node.oci import default_platform
-
             self.platform = default_platform()
         for entry in document.get("manifests") or []:
             if isinstance(entry, dict) and self.platform.matches(entry.get("platform") or {}):
-                return _descriptor(entry)[0]
+                return Descriptor.parse(entry, "an index entry").digest
         raise InvalidRequest(
             "MANIFEST_UNKNOWN",
             f"{spec.image} has no {self.platform.os}/{self.platform.architecture} image",
@@ -387,11 +367,11 @@ class ImageResolver:
         bootstrap: tuple[str, int] | None = None
         blobs: dict[str, int] = {}
         for entry in layers:
-            digest, size, media_type, annotations = _descriptor(entry)
-            if str(annotations.get(BOOTSTRAP_ANNOTATION, "")).lower() == "true":
-                bootstrap = (digest, size)
-            elif media_type == BLOB_MEDIA_TYPE:
-                blobs[digest.removeprefix("sha256:")] = size
+            layer = Descriptor.parse(entry, "a layer")
+            if layer.annotations.get(BOOTSTRAP_ANNOTATION, "").lower() == "true":
+                bootstrap = (layer.digest, layer.size)
+            elif layer.media_type == BLOB_MEDIA_TYPE:
+                blobs[layer.digest.removeprefix("sha256:")] = layer.size
         if bootstrap is None:
             raise InvalidRequest(
                 "MANIFEST_INVALID",

@@ -129,7 +129,7 @@ class ImageManifest:
 
     @classmethod
     def parse(cls, body: bytes, media_type: str) -> ImageManifest:
-        document = _json_object(body, "manifest")
+        document = json_object(body, "manifest")
         if document.get("schemaVersion") != 2:
             raise InvalidRequest("MANIFEST_INVALID", "only schema version 2 manifests convert")
         layers = document.get("layers")
@@ -143,7 +143,7 @@ class ImageManifest:
         )
 
 
-def _json_object(body: bytes, what: str) -> dict[str, Any]:
+def json_object(body: bytes, what: str) -> dict[str, Any]:
     try:
         document = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -222,7 +222,7 @@ class OciRegistry:
             body, media_type = await self._document(url, ACCEPT)
             if reference.startswith("sha256:") and sha256_digest(body) != reference:
                 raise UpstreamUnavailable(f"{image}: manifest does not match its digest")
-            document = _json_object(body, "manifest")
+            document = json_object(body, "manifest")
             media_type = str(document.get("mediaType") or media_type)
             if media_type in INDEX_TYPES or (
                 "manifests" in document and "layers" not in document
@@ -242,7 +242,7 @@ class OciRegistry:
         response = await self._pull.fetch("GET", url, self._headers, max_bytes=MAX_DOCUMENT_BYTES)
         if sha256_digest(response.body) != descriptor.digest:
             raise UpstreamUnavailable(f"config of {image} does not match {descriptor.digest}")
-        return _json_object(response.body, "config")
+        return json_object(response.body, "config")
 
     async def download(
         self, image: ImageLocation, descriptor: Descriptor, path: Path,
