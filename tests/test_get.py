@@ -36,6 +36,7 @@ from d7y_node.node import Node
 from d7y_node.peer import PeerAuth, task_key_for
 from d7y_node.piece_store import MIB
 from d7y_node.scheduler import task_homes
+from tests.harness.background import serve_in_loop
 from tests.test_p2p import cluster, config_for
 
 # -- task ids ------------------------------------------------------------------------------------
@@ -105,11 +106,7 @@ class Origin:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_route("*", "/files/{name}", self._file)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, port = await serve_in_loop(app)
         self.url = f"http://127.0.0.1:{port}"
 
     async def stop(self) -> None:

@@ -38,6 +38,7 @@ from d7y_node.proxy import REPOSITORY_ATTRIBUTE, UPSTREAM_ATTRIBUTE
 from d7y_node.registry import OriginBlob, RegistryClient, Upstream
 from d7y_node.scheduler import AnnounceRequest, Bitmap, OriginRequest, Tracker, task_homes
 from d7y_node.tasks import TaskManager
+from tests.harness.background import serve_in_loop
 
 
 class CountingSource:
@@ -400,11 +401,7 @@ class BlobOrigin:
     async def __aenter__(self) -> BlobOrigin:
         app = web.Application()
         app.router.add_route("*", "/v2/library/app/blobs/{digest}", self._blob)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve_in_loop(app)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

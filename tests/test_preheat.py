@@ -19,6 +19,7 @@ from d7y_node.errors import D7yError, InvalidRequest
 from d7y_node.peer import task_key_for
 from d7y_node.preheat import ImageReference, Platform, parse_image_reference, preheat
 from d7y_node.scheduler import task_homes
+from tests.harness.background import serve_in_loop
 from tests.test_get import base_of
 from tests.test_p2p import cluster
 
@@ -77,11 +78,7 @@ class Registry:
         app = web.Application()
         app.router.add_route("*", "/v2/{name:.+}/manifests/{reference}", self._manifest)
         app.router.add_route("*", "/v2/{name:.+}/blobs/{digest}", self._blob)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, port = await serve_in_loop(app)
         self.url = f"127.0.0.1:{port}"
 
     async def stop(self) -> None:

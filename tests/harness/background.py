@@ -1,4 +1,5 @@
-"""An asyncio loop on a background thread, for test servers that must run beside synchronous tests.
+"""An asyncio loop on a background thread, for test servers that must run beside synchronous tests,
+and `serve_in_loop` for async tests' servers on their own loop.
 
 Owns the thread and the loop; servers (token server, origin doubles, relays) hand it coroutines.
 """
@@ -39,6 +40,16 @@ class BackgroundLoop:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=CALL_TIMEOUT_SECONDS)
         self.loop.close()
+
+
+async def serve_in_loop(app: web.Application) -> tuple[web.AppRunner, int]:
+    """Serve `app` on 127.0.0.1 at a port the kernel picks, on the running loop (for async
+    tests); the runner (`cleanup()` stops it) and the port."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
 
 class BackgroundApp:
