@@ -8,6 +8,7 @@ the tail of each node's and containerd's log in its report.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from d7y_node import fuse_kernel
+from d7y_node.fuse_kernel import is_mount_point
 from tests.harness.containerd import Containerd
 from tests.harness.images import BuiltImage, big_image, small_image
 from tests.harness.netns import NetworkLab
@@ -190,3 +193,13 @@ def faulty_origin() -> Iterator[FaultyOrigin]:
         yield origin
     finally:
         origin.stop()
+
+
+def end_foreground_mount(process: subprocess.Popen[Any] | None, mountpoint: Path) -> None:
+    """A test's teardown of a `d7y-node mount --foreground`: the server killed if it still runs,
+    and no dead mount left behind by a failed test."""
+    if process is not None and process.poll() is None:
+        process.kill()
+        process.wait()
+    if is_mount_point(str(mountpoint)):
+        fuse_kernel.unmount(str(mountpoint))

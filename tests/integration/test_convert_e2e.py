@@ -46,7 +46,6 @@ from typing import Any
 
 import pytest
 
-from d7y_node import fuse_kernel
 from d7y_node.convert import (
     ANNOTATION_NYDUS_BLOB,
     ANNOTATION_NYDUS_BOOTSTRAP,
@@ -69,7 +68,7 @@ from tests.harness.images import (
 from tests.harness.node import node_command
 from tests.harness.process import run, wait_until
 from tests.harness.registry import Registry
-from tests.integration.conftest import NodeFactory
+from tests.integration.conftest import NodeFactory, end_foreground_mount
 from tests.test_convert import Entry, directory, make_tar
 
 pytestmark = pytest.mark.integration
@@ -682,11 +681,7 @@ def test_converted_image_mounts_like_containerd_unpacks_it(
         if process is not None:
             assert process.wait(timeout=10) == 0
     finally:
-        if process is not None and process.poll() is None:
-            process.kill()
-            process.wait()
-        if is_mount_point(str(mountpoint)):  # a failed test leaves no mount behind
-            fuse_kernel.unmount(str(mountpoint))
+        end_foreground_mount(process, mountpoint)
     assert not is_mount_point(str(mountpoint))
     assert MountRecords(data_dir).all() == []
     assert_same_tree(seen, containerd_views[name], image)

@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 
-from d7y_node import fuse_kernel
 from d7y_node.fuse_kernel import is_mount_point
 from d7y_node.mounts import MOUNTS_PATH, MountRecords
 from d7y_node.rafs import open_bootstrap
@@ -26,7 +25,7 @@ from d7y_node.rafs.blob import FileReader, read_file_range
 from d7y_node.rafs.tree import ROOT_INO
 from tests.harness.node import node_command
 from tests.harness.process import run, wait_until
-from tests.integration.conftest import NodeFactory
+from tests.integration.conftest import NodeFactory, end_foreground_mount
 from tests.rafs.fixture_paths import FIXTURES
 
 V6 = FIXTURES / "v6"
@@ -190,11 +189,7 @@ def test_without_a_node_the_command_serves_the_mount(tmp_path: Path, foreground:
         assert process.wait(timeout=10) == 0
         assert time.monotonic() - started < 10
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        if is_mount_point(str(mountpoint)):  # a failed test leaves no dead mount behind
-            fuse_kernel.unmount(str(mountpoint))
+        end_foreground_mount(process, mountpoint)
     assert not is_mount_point(str(mountpoint))
     assert MountRecords(data_dir).all() == []
 
@@ -264,11 +259,7 @@ def test_a_blob_with_its_bootstrap_inlined_mounts(
         if process is not None:
             assert process.wait(timeout=10) == 0
     finally:
-        if process is not None and process.poll() is None:
-            process.kill()
-            process.wait()
-        if is_mount_point(str(mountpoint)):  # a failed test leaves no dead mount behind
-            fuse_kernel.unmount(str(mountpoint))
+        end_foreground_mount(process, mountpoint)
     assert not is_mount_point(str(mountpoint))
 
 
@@ -354,11 +345,7 @@ def test_an_image_reference_mounts_in_the_foreground_without_a_node(
         d7y("umount", "--data-dir", data_dir, mountpoint)
         assert process.wait(timeout=10) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        if is_mount_point(str(mountpoint)):  # a failed test leaves no dead mount behind
-            fuse_kernel.unmount(str(mountpoint))
+        end_foreground_mount(process, mountpoint)
         assert process.stderr is not None
         process.stderr.close()
     assert not is_mount_point(str(mountpoint))
