@@ -762,8 +762,17 @@ async def test_crash_mid_download_never_serves_a_wrong_byte(
     snapshots: list[Path] = []
     live = tmp_path / "live"
 
+    def claimed_on_disk() -> int:
+        counts = [decode_metadata(meta.read_bytes(), meta.name[:-5]).done.count(1)
+                  for meta in (live / "tasks").glob("*.meta")]
+        return max(counts, default=0)
+
     async def snapshot_now(offset: int, position: int, attempt: int) -> None:
         if position % (3 * MIB // 2) == 0 and position:
+            # Metadata saves run in a thread; on a busy machine they lag the download. Hold the
+            # source (a paused origin) until the pieces before `position` are claimed on disk,
+            # so each copy is a distinct partial state rather than whatever the scheduler allows.
+            await wait_for(lambda: claimed_on_disk() >= position // MIB, 10.0)
             snapshot = tmp_path / f"crash{len(snapshots)}"
             crash_copy(live / "tasks", snapshot / "tasks")
             snapshots.append(snapshot)
