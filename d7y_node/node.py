@@ -530,6 +530,11 @@ class Node:
         served = self.peer_server.stats
         add("d7y_peer_pieces_served", "Pieces uploaded to peers", served.pieces_served)
         add("d7y_peer_bytes_served", "Bytes uploaded to peers", served.bytes_served)
+        add("d7y_peer_ranges_served", "Parts of pieces uploaded to lazy peers",
+            served.ranges_served)
+        add("d7y_peer_ranges_missing",
+            "Parts of pieces asked for that were neither held nor fetched in time",
+            served.ranges_missing)
         add("d7y_peer_busy", "Peer requests refused for want of a slot", served.busy)
         add("d7y_peer_announces", "Announces received as a task's home", served.announces)
         for reason in ("missing", "invalid", "stale"):
@@ -546,6 +551,9 @@ class Node:
             add("d7y_p2p_origin_bytes", "Bytes this host fetched from origin for the cluster",
                 stats.origin_bytes)
             add("d7y_p2p_peer_bytes", "Bytes this host fetched from peers", stats.peer_bytes)
+            add("d7y_p2p_range_bytes",
+                "Bytes this host fetched from peers as parts of pieces (lazy reads)",
+                stats.range_bytes)
             add("d7y_p2p_home_tasks", "Tasks fetched from origin as their home", stats.home_tasks)
             add("d7y_p2p_origin_fallbacks",
                 "Tasks fetched from origin because no home answered in time", stats.fallbacks)

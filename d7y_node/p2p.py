@@ -9,6 +9,11 @@ a task with is wrapped in a `ClusterSource`, which decides per read:
   when it is one of them), get ranked parents and read the pieces from them (`PeerPieceSource`:
   several parents at once, each piece verified by its xxh3, a parent that sends a corrupt piece
   dropped for the task);
+- a read of part of a piece (a lazy download's blocks: a Nydus mount's chunks) that no known
+  parent holds → ask home 0 for just those bytes (`PeerClient.fetch_range`): home 0 holds the
+  request until its own download has them, and fetches them from origin before anything else,
+  so a container's first reads wait for their blocks, not for the home's whole download to
+  reach them; a part of a piece a parent holds is asked of that parent, at once;
 - no home answered and the swarm made no progress for `home_timeout` → fall back to the origin
   for the rest of this task (counted in `fallbacks`); likewise at once when home 0 answers that
   it could not fetch the task from origin (`AnnounceReply.origin_error`).
@@ -43,7 +48,14 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from d7y_node.errors import D7yError, InvalidRequest, PeerFailed, UpstreamUnavailable
+from d7y_node.errors import (
+    D7yError,
+    InvalidRequest,
+    PeerBusy,
+    PeerFailed,
+    PieceCorrupt,
+    UpstreamUnavailable,
+)
 from d7y_node.gossip.members import Member
 from d7y_node.gossip.messages import Address, MemberState
 from d7y_node.peer import PeerClient, PeerPieceSource, PeerServer, task_key_for
@@ -80,6 +92,9 @@ REANNOUNCE_INTERVAL = 1.0
 COMPLETION_POLL_SECONDS = 30.0
 # Wait before trying peers again after none could give a piece (they are still downloading).
 PEER_RETRY_DELAY = 0.25
+# How long home 0 may take to fetch a range a lazy reader asks it for (it fetches such ranges
+# before the rest of its download; at 100 Mbit/s a 1 MiB chunk takes 0.1 s).
+RANGE_WAIT = 10.0
 # Announces copied to the other homes at once; beyond this many in flight, copies are dropped
 # (counted): the next announce of the same peer carries the same news.
 MAX_REPLICATIONS_IN_FLIGHT = 256
@@ -239,6 +254,8 @@ class ClusterStats:
 
     origin_bytes: int = 0
     peer_bytes: int = 0
+    # Of the peer bytes, those read as parts of pieces (a lazy download's blocks).
+    range_bytes: int = 0
     # Tasks this host fetched from origin as their home 0.
     home_tasks: int = 0
     # Tasks that went to origin because no home answered (and the swarm stalled) in time.
@@ -544,6 +561,13 @@ class ClusterScheduler:
 WaitPieces = Callable[[str, int, float], Awaitable[TaskInfo | None]]
 
 
+def _part_of_one_piece(start: int, end: int, piece_size: int, content_length: int) -> bool:
+    """Whether [start, end) lies in one piece and is not all of it."""
+    piece_start = start - start % piece_size
+    piece_end = min(content_length, piece_start + piece_size)
+    return end <= piece_end and (start > piece_start or end < piece_end)
+
+
 def _loop_time() -> float:
     return asyncio.get_running_loop().time()
 
@@ -627,10 +651,14 @@ class ClusterSource:
     async def content_length(self) -> int:
         return await self.origin.content_length()
 
-    def reads_whole_pieces(self) -> bool:
-        """Whether a read now goes to peers (`tasks.WholePieceSource`): they send whole pieces
-        whatever part is asked, so a lazy download takes the whole piece at once."""
-        return not (self._fallback or self.scheduler.is_origin_fetcher(self.task_key))
+    def reads_whole_pieces(self, index: int) -> bool:
+        """Whether a read of piece `index` now moves the whole piece (`tasks.WholePieceSource`):
+        when a known parent holds it (peers send pieces whole, so a lazy download takes the
+        whole piece at once, and can pass it on). Else a lazy download reads its blocks, from
+        home 0 (see `read`)."""
+        if self._fallback or self.scheduler.is_origin_fetcher(self.task_key):
+            return False
+        return self._peers is not None and self._peers.holder_of(index) is not None
 
     def progressed(self) -> None:
         self._progress_at = self.scheduler._clock()
@@ -679,6 +707,16 @@ class ClusterSource:
             scheduler.announce_when_complete(self.task_id, await self.origin.content_length())
             pieces_before = peers.stats.pieces_from_peers
             try:
+                length = await peers.content_length()
+                if _part_of_one_piece(position, end, peers.piece_size, length):
+                    chunk = await self._read_range(peers, position, end - position)
+                    position += len(chunk)
+                    traffic.peer_bytes += len(chunk)
+                    scheduler.stats.peer_bytes += len(chunk)
+                    scheduler.stats.range_bytes += len(chunk)
+                    self.progressed()
+                    yield chunk
+                    continue
                 async for chunk in peers.read(position, end - position):
                     position += len(chunk)
                     traffic.peer_bytes += len(chunk)
@@ -710,6 +748,33 @@ class ClusterSource:
                 await asyncio.sleep(PEER_RETRY_DELAY)
                 continue
             self._note_parents(peers, traffic, pieces_before)
+
+    async def _read_range(self, peers: PeerPieceSource, offset: int, length: int) -> bytes:
+        """[offset, offset+length), part of one piece: from a parent that holds the piece, else
+        from home 0, which fetches it for us first. Raises `UpstreamUnavailable` when neither
+        gives it (the caller retries, and falls back to origin if that goes on)."""
+        await peers.parents()  # the first announce also starts home 0's download
+        holder = peers.holder_of(offset // peers.piece_size)
+        wait = 0.0
+        if holder is not None:
+            address, peer_id = Address(holder.host, holder.port), holder.peer_id
+        else:
+            homes = self.scheduler.homes(self.task_key)
+            member = self.scheduler.membership.member(homes[0]) if (
+                homes and self.scheduler.membership is not None
+            ) else None
+            if member is None or member.peer_address is None:
+                raise UpstreamUnavailable(f"task {self.task_id}: its home has no peer address")
+            address, peer_id, wait = member.peer_address, member.member_id, RANGE_WAIT
+        try:
+            return await self.scheduler.client.fetch_range(
+                address, self.task_key, offset, length, wait=wait, peer=peer_id
+            )
+        except (PieceCorrupt, PeerBusy) as error:
+            peers.failed(peer_id, error)
+            raise UpstreamUnavailable(str(error)) from None
+        except PeerFailed as error:
+            raise UpstreamUnavailable(str(error)) from None
 
     def _note_parents(
         self, peers: PeerPieceSource, traffic: TaskTraffic, pieces_before: int

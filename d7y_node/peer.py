@@ -4,6 +4,12 @@ Owns, under `/peer/v1/`:
 - `GET  tasks/{task_key}/pieces/{piece_index}`: one piece, sent with `sendfile`, its xxh3_64 in
   `X-D7y-Piece-Xxh3`; limited by upload slots (503 + Retry-After when none is free) and a shared
   token bucket (bytes/s);
+- `GET  tasks/{task_key}/range?offset=O&length=L&wait=S`: bytes [O, O+L) (at most
+  `MAX_RANGE_BYTES`), xxh3_64 in `X-D7y-Piece-Xxh3`, from pieces or blocks held here, or, when
+  this host is downloading the task, as soon as its download has them (it fetches a waited-for
+  range first), within `wait` seconds; else 404 `RANGE_UNKNOWN`. This is how a lazy reader (a
+  Nydus mount) gets the chunks it needs from the task's home before any host holds their piece,
+  without waiting for the home's whole download to reach them;
 - `GET  tasks/{task_key}/state?wait=S&known=F`: content length, piece size and bitmap (msgpack
   `TaskState`), answered at once unless the bitmap's fingerprint is still `known`, then when it
   changes or after `wait` seconds (a long poll, no tight polling on either side);
@@ -93,6 +99,8 @@ AUTH_SCHEME = "v1"
 TASK_KEY = re.compile(r"[0-9a-f]{64}")
 # A piece index in a path: digits only, no sign, no leading zeros (one spelling per piece).
 PIECE_INDEX = re.compile(r"0|[1-9][0-9]{0,5}")
+# A byte offset or length in a query: no sign, no leading zeros, at most 2^50.
+QUERY_INTEGER = re.compile(r"0|[1-9][0-9]{0,14}")
 FINGERPRINT = re.compile(r"[0-9a-f]{16}")
 _TAG_HEX = re.compile(r"[0-9a-f]{32}")
 _TIMESTAMP = re.compile(r"[0-9]{1,12}")
@@ -119,6 +127,15 @@ RETRY_AFTER_SECONDS = 1
 RATE_SLICE_BYTES = 256 * 1024
 # Bytes read per pread when sendfile is not possible (uvloop, TLS).
 COPY_CHUNK_BYTES = 1024 * 1024
+# The largest range one request may ask for: a piece at most (ranges are read into memory).
+MAX_RANGE_BYTES = MAX_PIECE_SIZE
+# An error answer's text may be longer than a small range.
+ERROR_BODY_LIMIT = 1024
+# How long a range request may wait at most for the serving host's download (seconds).
+MAX_RANGE_WAIT = 30.0
+# How long a range request waits for the task to appear here (a seed the requester's announce
+# has just started is still being prepared).
+RANGE_TASK_APPEARS = 2.0
 # A push-pull body: gossip's largest state exchange plus its authentication frame.
 PUSH_PULL_MAX_BYTES = STREAM_MAX_BYTES + ClusterKey.overhead
 
@@ -294,6 +311,14 @@ class PieceProvider(Protocol):
         `wait` seconds, whichever is first; None if the task is gone."""
         ...
 
+    async def read_range(
+        self, task_key: str, offset: int, length: int, wait: float
+    ) -> bytes | None:
+        """Bytes [offset, offset+length) of the task if held here (whole pieces or blocks), or
+        once this host's own download of it has them, within `wait` seconds; None otherwise.
+        Never starts a download."""
+        ...
+
 
 class TaskManagerPieces:
     """A `PieceProvider` over the `TaskManager`: every stored task, complete or partial, by its
@@ -341,6 +366,24 @@ class TaskManagerPieces:
                 return current
             await self._manager.wait_pieces(task_id, current.bitmap.count(), left)
 
+    async def read_range(
+        self, task_key: str, offset: int, length: int, wait: float
+    ) -> bytes | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        task_id = self._manager.task_id_for_key(task_key)
+        # A seed the asker's announce started a moment ago may still be preparing its task.
+        for _ in range(int(min(wait, RANGE_TASK_APPEARS) / 0.05)):
+            if task_id is not None:
+                break
+            await asyncio.sleep(0.05)
+            task_id = self._manager.task_id_for_key(task_key)
+        if task_id is None:
+            return None
+        return await self._manager.read_held(
+            task_id, offset, length, wait=max(0.0, deadline - loop.time())
+        )
+
 
 class MemberDirectory(Protocol):
     """Where members are and how loaded they are (a gossip `Membership` is one)."""
@@ -383,6 +426,9 @@ class PeerServerStats:
     bytes_served: int = 0
     # Pieces asked for that are not held (404).
     pieces_missing: int = 0
+    # Ranges served, and ranges neither held nor fetched in time (404).
+    ranges_served: int = 0
+    ranges_missing: int = 0
     # Requests refused for want of an upload slot or of room for another long poll (503).
     busy: int = 0
     # Requests refused for bad authentication, by reason ("missing", "invalid", "stale").
@@ -448,6 +494,9 @@ class PeerServer:
         router.add_get(
             PREFIX + "/tasks/{task_key}/pieces/{piece_index}", self._guard(self._piece, 0),
             allow_head=False,
+        )
+        router.add_get(
+            PREFIX + "/tasks/{task_key}/range", self._guard(self._range, 0), allow_head=False
         )
         router.add_get(
             PREFIX + "/tasks/{task_key}/state", self._guard(self._state, 0), allow_head=False
@@ -549,6 +598,48 @@ class PeerServer:
                 await response.write(data)
                 sent += len(data)
             offset += count
+
+    async def _range(self, request: web.Request, body: bytes) -> web.StreamResponse:
+        task_key = check_task_key(request.match_info["task_key"])
+        offset = _query_integer(request.query, "offset")
+        length = _query_integer(request.query, "length")
+        if not 0 < length <= MAX_RANGE_BYTES:
+            raise InvalidRequest("QUERY_INVALID", f"length is in [1, {MAX_RANGE_BYTES}]")
+        wait = _query_seconds(
+            request.query.get("wait", "0"), min(self.config.max_long_poll, MAX_RANGE_WAIT)
+        )
+        if self.waiting_polls >= self.config.max_long_polls:
+            self.stats.busy += 1
+            return _error(
+                503, "BUSY", "too many waiting requests",
+                headers={"Retry-After": str(self.config.retry_after)},
+            )
+        self.waiting_polls += 1
+        try:
+            data = await self.provider.read_range(task_key, offset, length, wait)
+        finally:
+            self.waiting_polls -= 1
+        if data is None:
+            self.stats.ranges_missing += 1
+            return _error(404, "RANGE_UNKNOWN", "range not held here, nor fetched in time")
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "application/octet-stream",
+                PIECE_DIGEST_HEADER: f"{xxhash.xxh3_64_intdigest(data):016x}",
+            }
+        )
+        response.content_length = len(data)
+        await response.prepare(request)
+        view = memoryview(data)
+        for start in range(0, len(data), RATE_SLICE_BYTES):
+            part = view[start : start + RATE_SLICE_BYTES]
+            if self.bucket is not None:
+                await self.bucket.take(len(part))
+            await response.write(part)
+        await response.write_eof()
+        self.stats.ranges_served += 1
+        self.stats.bytes_served += len(data)
+        return response
 
     async def _state(self, request: web.Request, body: bytes) -> web.StreamResponse:
         task_key = check_task_key(request.match_info["task_key"])
@@ -662,6 +753,13 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
+def _query_integer(query: Mapping[str, str], name: str) -> int:
+    value = query.get(name)
+    if value is None or not QUERY_INTEGER.fullmatch(value):
+        raise InvalidRequest("QUERY_INVALID", f"{name} is a non-negative integer")
+    return int(value)
+
+
 def _query_seconds(value: str, maximum: float) -> float:
     try:
         seconds = float(value)
@@ -703,8 +801,9 @@ class PeerClientStats:
     """Counters of this host's peer requests."""
 
     pieces_fetched: int = 0
+    ranges_fetched: int = 0
     bytes_fetched: int = 0
-    # Pieces whose bytes did not match the xxh3 they came with.
+    # Pieces (and ranges) whose bytes did not match the xxh3 they came with.
     piece_digest_failures: int = 0
     # Requests that failed otherwise (unreachable, refused, malformed answer), by reason.
     failures: Counter[str] = field(default_factory=Counter)
@@ -810,6 +909,46 @@ class PeerClient:
             raise PieceCorrupt(name, f"piece {piece_index} of task {task_key} does not match "
                                      f"its xxh3 {announced}")
         self.stats.pieces_fetched += 1
+        self.stats.bytes_fetched += len(body)
+        return body
+
+    async def fetch_range(
+        self,
+        address: Address,
+        task_key: str,
+        offset: int,
+        length: int,
+        *,
+        wait: float = 0.0,
+        peer: str | None = None,
+    ) -> bytes:
+        """Bytes [offset, offset+length) of the task from the peer at `address`, which may wait
+        up to `wait` seconds for its own download to fetch them; verified against the xxh3 they
+        came with. Raises `PieceCorrupt` on a mismatch, `PeerBusy` on 503, `PeerFailed` on
+        anything else (404: the peer neither holds them nor fetched them in time)."""
+        name = peer or str(address)
+        if not 0 < length <= MAX_RANGE_BYTES or offset < 0:
+            raise ValueError(f"range {offset}+{length} is not one a peer serves")
+        target = (f"{PREFIX}/tasks/{check_task_key(task_key)}/range"
+                  f"?offset={offset}&length={length}&wait={wait:g}")
+        status, headers, body = await self._request(
+            "GET", address, target, b"", within=wait + self.config.piece_timeout,
+            limit=max(length, ERROR_BODY_LIMIT), peer=name,  # room for an error's text
+        )
+        if status != 200:
+            raise self._status_error(name, status, headers, body)
+        announced = headers.get(PIECE_DIGEST_HEADER, "")
+        if not FINGERPRINT.fullmatch(announced):
+            self.stats.failures["no_digest"] += 1
+            raise PeerFailed(name, f"range {offset}+{length} came without a valid digest header")
+        if len(body) != length:
+            self.stats.failures["short_piece"] += 1
+            raise PeerFailed(name, f"range {offset}+{length} came with {len(body)} bytes")
+        if xxhash.xxh3_64_intdigest(body) != int(announced, 16):
+            self.stats.piece_digest_failures += 1
+            raise PieceCorrupt(name, f"range {offset}+{length} of task {task_key} does not "
+                                     f"match its xxh3 {announced}")
+        self.stats.ranges_fetched += 1
         self.stats.bytes_fetched += len(body)
         return body
 
@@ -1006,6 +1145,34 @@ class PeerPieceSource:
 
     async def content_length(self) -> int:
         return self._content_length
+
+    async def parents(self) -> list[Parent]:
+        """The parents known now, asked of the finder first when none were asked yet or the
+        refresh interval has passed (which also tells the home what we hold)."""
+        if self._parents is None or (
+            self._refresh_interval is not None
+            and self._refreshed_at is not None
+            and asyncio.get_running_loop().time() - self._refreshed_at >= self._refresh_interval
+        ):
+            return await self._refresh()
+        return self._parents
+
+    def holder_of(self, index: int) -> Parent | None:
+        """The best-ranked known parent that holds piece `index` and may be asked now."""
+        now = asyncio.get_running_loop().time()
+        holders = [
+            parent for parent in self._parents or []
+            if parent.bitmap.has(index) and parent.peer_id not in self.dropped
+            and self._resting.get(parent.peer_id, 0.0) <= now
+        ]
+        if not holders:
+            return None
+        needed = Bitmap.from_indices(self.piece_count, [index])
+        return rank_parents(holders, needed, self._local_labels, self._health)[0]
+
+    def failed(self, peer: str, error: BaseException) -> None:
+        """A request to `peer` outside `read` failed: it rests (or is dropped) as if in `read`."""
+        self._failed(peer, error, asyncio.get_running_loop().time())
 
     async def _refresh(self) -> list[Parent]:
         self._refreshed_at = asyncio.get_running_loop().time()

@@ -978,6 +978,42 @@ class PieceStore:
             return os.pread(task.fd, length, offset)
         return await self._run(os.pread, task.fd, length, offset)
 
+    async def read_checked(self, task: StoredTask, offset: int, length: int) -> bytes | None:
+        """[offset, offset+length) of a pinned task, for a peer: the held pieces (or held blocks
+        of partial pieces) it lies in are read whole and checked against their recorded xxh3
+        first, so bytes gone bad on disk are never sent on under a fresh digest. None when some
+        byte is not held or a check fails (logged)."""
+        end = offset + length
+        if not task.holds(offset, end):
+            return None
+        parts: list[bytes] = []
+        size = task.piece_size
+        for index in range(offset // size, (end - 1) // size + 1):
+            piece_start, piece_length = task.piece_range(index)
+            start, stop = max(offset, piece_start), min(end, piece_start + piece_length)
+            partial = None if task.complete or task.done[index] else task.partial.get(index)
+            if partial is None:
+                first, last = piece_start, piece_start + piece_length
+                expected = [task.digests[index]]
+                unit = piece_length
+            else:
+                first = piece_start + (start - piece_start) // BLOCK_SIZE * BLOCK_SIZE
+                last = min(piece_start + piece_length,
+                           piece_start + -(-(stop - piece_start) // BLOCK_SIZE) * BLOCK_SIZE)
+                number = (first - piece_start) // BLOCK_SIZE
+                expected = partial.digests[number : number + block_count(last - first)]
+                unit = BLOCK_SIZE
+            data = await self.read(task, first, last - first)
+            view = memoryview(data)
+            actual = [xxhash.xxh3_64_intdigest(view[at : at + unit])
+                      for at in range(0, len(data), unit)]
+            if len(data) != last - first or actual != expected:
+                log.warning("task %s: bytes %d-%d on disk do not match their digests; not "
+                            "served", task.task_id, first, last)
+                return None
+            parts.append(data[start - first : stop - first])
+        return b"".join(parts)
+
     async def verify(self, task: StoredTask) -> int:
         """Check a reloaded partial task's pieces (and blocks of partial pieces) against their
         digests; drop bad ones.

@@ -41,18 +41,23 @@ How one download runs (`_LiveTask`):
     chunk lazily while no host holds its piece. A lazy read served by peers (`ClusterSource`
     off the task's home) still moves whole pieces between peers, and writes only its blocks;
     the origin sees only what the home fetches. Since peers move whole pieces anyway, a source
-    that says its reads go to peers now (`WholePieceSource`) gets whole-piece fetches from a
-    lazy download too: one transfer per piece, not one per block run.
+    that says a piece's reads go to peers now (`WholePieceSource`, because some peer holds that
+    piece) gets whole-piece fetches from a lazy download too: one transfer per piece, not one per
+    block run. A piece no peer holds yet is read in blocks from the task's home, which holds
+    the request until its own download has them (`read_held`).
   When a whole download widens a lazy one, a partly held piece is completed from its missing
   blocks, not fetched again.
+- A whole download with a reader of part of a piece it has not started (`read_held`: the home
+  of a task answering a lazy peer) fetches that part's blocks first and then the rest of the
+  piece, so the reader waits for its blocks, not for the piece or the download's order.
 - A `_LiveTask` exists while handles are open or a download runs; it holds one pin on the stored
   task (GC keeps it, its fd stays open for `Segment`s). A failed or stopped one is retired: new
   opens start a fresh one once it has torn down.
 
-For peers (`peer.py`), the manager also hands out single held pieces without joining a download
-(`open_piece`, `bitmap`, `wait_pieces`, `task_id_for_key`), and takes a `source_policy` that
-wraps every source an opener hands in (the cluster decides origin or peers, `p2p.py`), so this
-module holds no cluster logic.
+For peers (`peer.py`), the manager also hands out single held pieces and held ranges without
+joining a download (`open_piece`, `read_held`, `bitmap`, `wait_pieces`, `task_id_for_key`), and
+takes a `source_policy` that wraps every source an opener hands in (the cluster decides origin
+or peers, `p2p.py`), so this module holds no cluster logic.
 """
 
 from __future__ import annotations
@@ -124,8 +129,8 @@ class WholePieceSource(Protocol):
     """A `PieceSource` whose reads may move whole pieces whatever range is asked (peers serve
     pieces whole): a lazy download then fetches whole pieces from it while it says so."""
 
-    def reads_whole_pieces(self) -> bool:
-        """Whether a read made now would move whole pieces."""
+    def reads_whole_pieces(self, index: int) -> bool:
+        """Whether a read of piece `index` made now would move the whole piece."""
         ...
 
 
@@ -418,6 +423,19 @@ class _LiveTask:
         # A lazy download has work in a piece only where readers want blocks it lacks.
         return self.whole or bool(stored.missing_blocks(index, self.wanted_ranges.get(index, ())))
 
+    def _wants_part(self, index: int) -> bool:
+        """Whether readers want only part of piece `index` (in a whole download: fetch their
+        blocks first)."""
+        ranges = self.wanted_ranges.get(index)
+        if not ranges:
+            return False
+        stored = self.stored
+        assert stored is not None
+        start, length = stored.piece_range(index)
+        return stored.missing_blocks(index, ranges) != stored.missing_blocks(
+            index, [(start, start + length)]
+        )
+
     def _next_piece(self) -> int | None:
         stored = self.stored
         assert stored is not None
@@ -449,8 +467,11 @@ class _LiveTask:
             start, size = stored.piece_range(index)
             progress = _PieceProgress(index, start, size)
             self.in_flight[index] = progress
-            by_blocks = (not self.whole or index in stored.partial) and not (
-                isinstance(self.source, WholePieceSource) and self.source.reads_whole_pieces()
+            by_blocks = (
+                not self.whole or index in stored.partial or self._wants_part(index)
+            ) and not (
+                isinstance(self.source, WholePieceSource)
+                and self.source.reads_whole_pieces(index)
             )
             try:
                 if by_blocks:
@@ -498,18 +519,16 @@ class _LiveTask:
             event.set()
 
     async def _fetch_blocks(self, index: int) -> bool:
-        """Fetch the blocks of piece `index` that are missing and wanted (by readers; all of
-        them in a whole download), one source read per run of adjacent blocks; readers are
-        woken after each run. Returns whether the piece ended up held whole."""
+        """Fetch the blocks of piece `index` that are missing and wanted by readers (then, in a
+        whole download, all the others), one source read per run of adjacent blocks; readers
+        are woken after each run. Returns whether the piece ended up held whole."""
         stored = self.stored
         assert stored is not None
         piece_start, piece_length = stored.piece_range(index)
         while not self.finished.is_set() and not stored.done[index]:
-            ranges = (
-                [(piece_start, piece_start + piece_length)] if self.whole
-                else self.wanted_ranges.get(index, [])
-            )
-            missing = stored.missing_blocks(index, ranges)
+            missing = stored.missing_blocks(index, self.wanted_ranges.get(index, []))
+            if not missing and self.whole:
+                missing = stored.missing_blocks(index, [(piece_start, piece_start + piece_length)])
             if not missing:
                 break
             start, end = missing[0]
@@ -1132,6 +1151,57 @@ class TaskManager:
             start, size = stored.piece_range(piece_index)
             assert stored.fd is not None
             yield Segment(stored.fd, start, size), stored.digests[piece_index]
+        finally:
+            await self.store.release(stored)
+
+    async def read_held(
+        self, task_id: str, offset: int, length: int, *, wait: float
+    ) -> bytes | None:
+        """Bytes [offset, offset+length) of `task_id` for a peer: at once when they are on disk
+        (in held pieces or in held blocks of partial ones), else as soon as the download running
+        here has them (a reader's blocks are fetched before anything else), waiting at most
+        `wait` seconds. None when the task is not stored, the range is not inside it, or the
+        bytes are neither here nor fetched in time, or fail their check on disk
+        (`PieceStore.read_checked`). Never starts a download."""
+        stored = self.store.get(task_id)
+        if (
+            stored is None
+            or stored.removed
+            or offset < 0
+            or length <= 0
+            or offset + length > stored.content_length
+        ):
+            return None
+        end = offset + length
+        live = self._active.get(task_id)
+        downloading = (
+            live is not None and live.stored is stored and live.supervisor is not None
+            and live.failure is None
+        )
+        if stored.needs_verify or not (downloading or stored.holds(offset, end)):
+            return None
+        try:
+            self.store.pin(stored)
+        except OSError as err:
+            log.warning("task %s: cannot open its data to serve a range: %s", task_id, err)
+            return None
+        try:
+            if not stored.holds(offset, end):
+                assert live is not None
+                live.want(offset, end, 1)
+                try:
+                    async with asyncio.timeout(wait):
+                        size = stored.piece_size
+                        position = offset
+                        while position < end:
+                            stop = min(end, (position // size + 1) * size)
+                            await live.wait_range(position // size, position, stop)
+                            position = stop
+                except (TimeoutError, TaskFailed):
+                    return None
+                finally:
+                    live.want(offset, end, -1)
+            return await self.store.read_checked(stored, offset, length)
         finally:
             await self.store.release(stored)
 

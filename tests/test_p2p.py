@@ -470,6 +470,39 @@ async def test_home_without_a_client_fetches_for_the_swarm_and_origin_serves_onc
     assert not [record for record in caplog.records if token in record.getMessage()]
 
 
+async def test_a_lazy_read_off_home_gets_its_blocks_from_the_home_before_its_download_does(
+    tmp_path: Path,
+) -> None:
+    """A lazy reader (a Nydus mount's chunk) on a host that is not the blob's home, of part of
+    the last piece while no host holds it: home 0 is asked for just those bytes, fetches their
+    blocks from origin first, and answers long before its whole download reaches that piece;
+    the origin still sends the blob exactly once."""
+    async with cluster(tmp_path, 3, home_timeout=30.0) as nodes:
+        ids = [node.member_id or "" for node in nodes]
+        data, digest = blob_homed_on(ids, "n2", 16 * MIB)
+        home, reader = nodes[2], nodes[0]
+        assert home.scheduler is not None and reader.scheduler is not None
+        async with BlobOrigin(data, digest, delay=0.05) as origin:
+            source = reader.registry.blob_source(origin.upstream, REPOSITORY, digest, TOKEN)
+            wanted = (15 * MIB + 100_000, 5000)
+            async with reader.tasks.open(
+                digest, source, sha256=digest.removeprefix("sha256:"), whole=False,
+                attributes={UPSTREAM_ATTRIBUTE: str(origin.upstream),
+                            REPOSITORY_ATTRIBUTE: REPOSITORY},
+            ) as handle:
+                assert await handle.read(*wanted) == data[wanted[0] : sum(wanted)]
+                home_info = home.tasks.info(digest)
+                assert home_info is not None and home_info.pieces_done < home_info.piece_count
+            assert home.peer_server.stats.ranges_served >= 1
+            assert reader.scheduler.stats.range_bytes >= wanted[1]
+            assert reader.scheduler.stats.origin_bytes == 0
+            info = reader.tasks.info(digest)
+            assert info is not None and info.pieces_done == 0  # blocks only, no whole piece
+            await eventually(lambda: home.scheduler is not None
+                             and home.scheduler.stats.seeds_completed == 1, 20.0)
+            assert origin.sent == len(data)
+
+
 async def test_a_home_that_cannot_fetch_says_so_and_the_downloader_goes_to_origin_at_once(
     tmp_path: Path,
 ) -> None:

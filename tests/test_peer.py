@@ -126,6 +126,19 @@ class MemoryPieces:
                     await self._changed.wait()
         return self.state(task_key)
 
+    async def read_range(
+        self, task_key: str, offset: int, length: int, wait: float
+    ) -> bytes | None:
+        """Held bytes only: the range must lie in `add`ed pieces (no download to wait on)."""
+        end = offset + length
+        if task_key != self.task_key or end > len(self.data) or not all(
+            index in self.held
+            for index in range(offset // self.piece_size, (end - 1) // self.piece_size + 1)
+        ):
+            return None
+        self._file.seek(offset)
+        return self._file.read(length)
+
 
 class MemorySource:
     """A `tasks.PieceSource` over bytes in memory (the origin of the seeded node)."""
@@ -603,6 +616,17 @@ async def test_token_bucket_shares_the_rate() -> None:
         ("/tasks/" + "a" * 64 + "/state?wait=31", 400),
         ("/tasks/" + "a" * 64 + "/state?known=xyz", 400),
         ("/tasks/" + "a" * 64 + "/state?wait=0.1", 404),
+        ("/tasks/" + "a" * 64 + "/range", 400),  # no offset, no length
+        ("/tasks/" + "a" * 64 + "/range?offset=0", 400),
+        ("/tasks/" + "a" * 64 + "/range?offset=-1&length=5", 400),
+        ("/tasks/" + "a" * 64 + "/range?offset=01&length=5", 400),
+        ("/tasks/" + "a" * 64 + "/range?offset=0&length=0", 400),
+        ("/tasks/" + "a" * 64 + "/range?offset=0&length=16777217", 400),  # over a piece
+        ("/tasks/" + "a" * 64 + "/range?offset=1" + "0" * 15 + "&length=5", 400),
+        ("/tasks/" + "a" * 64 + "/range?offset=0&length=5&wait=31", 400),
+        ("/tasks/" + "a" * 64 + "/range?offset=0&length=5&wait=-1", 400),
+        ("/tasks/" + "a" * 64 + "/range?offset=0&length=16777216", 404),
+        ("/tasks/" + "a" * 64 + "/range?offset=0&length=5&wait=0.1", 404),
     ],
 )
 async def test_path_and_query_are_validated(
@@ -612,6 +636,65 @@ async def test_path_and_query_are_validated(
     async with serving(server) as address, session.get(f"http://{address}{PREFIX}{path}") as got:
         assert got.status == status
     assert server.stats.bad_requests == (1 if status == 400 else 0)
+
+
+async def test_ranges_of_held_pieces_are_served_and_verified(
+    pieces: MemoryPieces, session: aiohttp.ClientSession
+) -> None:
+    """A part of a piece (what a lazy reader asks for) comes with its own xxh3; bytes not held
+    are 404, a body that does not match its digest is `PieceCorrupt`."""
+    pieces.add(1, 2)
+    server = PeerServer(pieces)
+    client = PeerClient(session)
+    async with serving(server) as address:
+        offset, length = MIB + 12_345, 70_000
+        got = await client.fetch_range(address, pieces.task_key, offset, length, wait=1.0)
+        assert got == pieces.data[offset : offset + length]
+        across = await client.fetch_range(address, pieces.task_key, 2 * MIB - 10, 20)
+        assert across == pieces.data[2 * MIB - 10 : 2 * MIB + 10]
+        with pytest.raises(PeerFailed, match=r"404.*RANGE_UNKNOWN"):
+            await client.fetch_range(address, pieces.task_key, MIB - 1, 2)  # piece 0 not held
+        with pytest.raises(ValueError):
+            await client.fetch_range(address, pieces.task_key, 0, 0)
+        await eventually(lambda: server.stats.ranges_served == 2, 2.0)
+        assert server.stats.ranges_missing == 1
+
+
+def flip_bytes(directory: Path, *offsets: int) -> None:
+    """Invert bytes of the one task data file under `directory` (a disk gone bad)."""
+    with open(next(directory.rglob("*.data")), "r+b") as file:
+        for offset in offsets:
+            file.seek(offset)
+            value = file.read(1)[0]
+            file.seek(offset)
+            file.write(bytes([value ^ 0xFF]))
+
+
+async def test_a_range_gone_bad_on_disk_is_not_served(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """The served range is checked against the digests recorded when its piece or blocks
+    arrived: a byte changed on disk since gives 404, never the bad bytes under a new digest."""
+    data = payload(3 * MIB)
+    sha = hashlib.sha256(data).hexdigest()
+    async with Node(tmp_path) as node:
+        source = MemorySource(data)
+        async with node.manager.open("blob", source, sha256=sha, whole=False) as handle:
+            await handle.read(100, 10)  # piece 0: one block
+            await handle.read(MIB, MIB)  # piece 1: whole
+        server = PeerServer(TaskManagerPieces(node.manager))
+        client = PeerClient(session)
+        key = task_key_for("blob")
+        async with serving(server) as address:
+            assert await client.fetch_range(address, key, 50, 100) == data[50:150]
+            assert await client.fetch_range(address, key, MIB + 7, 9) == data[MIB + 7 : MIB + 16]
+            with pytest.raises(PeerFailed, match="404"):  # the next block is not held
+                await client.fetch_range(address, key, 16 * 1024 - 5, 10)
+            flip_bytes(tmp_path, 16 * 1024 - 1, 2 * MIB - 1)  # the block's last, piece 1's
+            with pytest.raises(PeerFailed, match="404"):
+                await client.fetch_range(address, key, 50, 100)
+            with pytest.raises(PeerFailed, match="404"):
+                await client.fetch_range(address, key, MIB + 7, 9)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -303,7 +303,7 @@ class PeerLikeSource(MemorySource):
 
     whole_pieces = True
 
-    def reads_whole_pieces(self) -> bool:
+    def reads_whole_pieces(self, index: int) -> bool:
         return self.whole_pieces
 
 
@@ -327,6 +327,70 @@ async def test_a_lazy_download_takes_whole_pieces_from_a_source_that_moves_them(
         assert await handle.read(2 * MIB, MIB) == data[2 * MIB :]
         assert source.reads[2:] == [(2 * MIB, MIB)]
         assert node.manager.bitmap("blob") == b"\0\x01\x01"
+
+
+async def test_a_whole_download_fetches_the_blocks_a_peer_waits_for_first(tmp_path: Path) -> None:
+    """`read_held` of part of a piece the download has not reached (a lazy peer asking the home):
+    the next worker fetches that part's blocks, then the rest of the piece, then goes on in
+    order; the content still ends verified."""
+    data = payload(8 * MIB)
+
+    async def slow_first_piece(offset: int, position: int, attempt: int) -> None:
+        if offset == 0:
+            await asyncio.sleep(0.01)
+
+    source = MemorySource(data, chunk_size=64 * 1024, hook=slow_first_piece)
+    async with Node(tmp_path, task_config=TaskConfig(origin_concurrency=1)) as node:
+        async with node.manager.open("blob", source, sha256=sha(data)) as handle:
+            await wait_for(lambda: bool(source.reads))
+            wanted = (5 * MIB + 100, 3000)
+            held = await node.manager.read_held("blob", *wanted, wait=10.0)
+            assert held == data[wanted[0] : sum(wanted)]
+            await handle.read(0, len(data))
+        assert source.reads[:3] == [(0, MIB), (5 * MIB, BLOCK_SIZE),
+                                    (5 * MIB + BLOCK_SIZE, MIB - BLOCK_SIZE)]
+        assert source.pieces_read(MIB)[3:] == [1, 2, 3, 4, 6, 7]
+        assert source.bytes_sent == len(data)
+        info = node.manager.info("blob")
+        assert info is not None and info.complete
+
+
+async def test_read_held_answers_only_from_this_host(tmp_path: Path) -> None:
+    """What `read_held` gives without a download to wait on: held bytes at once (blocks of a
+    partial piece too), None for anything else; it never starts a download."""
+    data = payload(3 * MIB)
+    source = MemorySource(data)
+    async with Node(tmp_path) as node:
+        assert await node.manager.read_held("blob", 0, 10, wait=1.0) is None  # not stored
+        async with node.manager.open("blob", source, sha256=sha(data), whole=False) as handle:
+            assert await handle.read(MIB + 5, 10) == data[MIB + 5 : MIB + 15]
+        reads = list(source.reads)
+        # Held blocks of a partial piece, at once; bytes beside them are not held.
+        assert await node.manager.read_held("blob", MIB, 100, wait=5.0) == data[MIB : MIB + 100]
+        assert await node.manager.read_held("blob", 0, 100, wait=5.0) is None
+        assert await node.manager.read_held("blob", MIB, BLOCK_SIZE + 1, wait=5.0) is None
+        # Outside the content, or empty.
+        assert await node.manager.read_held("blob", 3 * MIB - 1, 2, wait=1.0) is None
+        assert await node.manager.read_held("blob", -1, 2, wait=1.0) is None
+        assert await node.manager.read_held("blob", 0, 0, wait=1.0) is None
+        assert source.reads == reads  # no download was started
+        assert await fetch(node.manager, "blob", source, data) == data
+        await wait_for(lambda: (node.manager.info("blob") or _none).complete)
+        assert await node.manager.read_held("blob", 0, len(data), wait=0.0) == data
+
+
+async def test_read_held_gives_up_after_its_wait(tmp_path: Path) -> None:
+    data = payload(2 * MIB)
+    release = asyncio.Event()
+
+    async def stalled(offset: int, position: int, attempt: int) -> None:
+        await release.wait()
+
+    source = MemorySource(data, hook=stalled)
+    async with Node(tmp_path) as node, node.manager.open("blob", source, sha256=sha(data)):
+        assert await node.manager.read_held("blob", MIB, 10, wait=0.2) is None
+        release.set()
+        assert await node.manager.read_held("blob", MIB, 10, wait=10.0) == data[MIB : MIB + 10]
 
 
 async def test_a_piece_with_all_its_blocks_is_recorded_even_when_its_readers_leave(
