@@ -407,6 +407,7 @@ class Node:
             home_timeout=self.config.cluster.home_timeout,
             labels=dict(self.config.cluster.labels), wait_pieces=self.tasks.wait_pieces,
             open_task=self.tasks.open, origins=RegistryOrigins(self.registry),
+            last_read=self.tasks.last_read,
         )
         self.peer_server.replicate = self.scheduler.replicate
         # Home 0 fetches a task from origin for the swarm on an announce (`p2p` docstring).

@@ -39,9 +39,11 @@ know liveness (`gossip`) or store bytes (`tasks.py`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import re
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -92,6 +94,10 @@ REANNOUNCE_INTERVAL = 1.0
 COMPLETION_POLL_SECONDS = 30.0
 # Wait before trying peers again after none could give a piece (they are still downloading).
 PEER_RETRY_DELAY = 0.25
+# Home 0 fetching a task for lazy readers only (every announce said `lazy`) fetches just what
+# they ask for until no read asked for missing bytes for this long, then the rest of the task:
+# the rest would share the origin link with the reads a container's start is waiting on.
+SEED_QUIET_SECONDS = 1.0
 # How long home 0 may take to fetch a range a lazy reader asks it for (it fetches such ranges
 # before the rest of its download; at 100 Mbit/s a 1 MiB chunk takes 0.1 s).
 RANGE_WAIT = 10.0
@@ -293,6 +299,7 @@ class ClusterScheduler:
         wait_pieces: WaitPieces | None = None,
         open_task: OpenTask | None = None,
         origins: OriginSources | None = None,
+        last_read: Callable[[str], float | None] | None = None,
     ) -> None:
         self.client = client
         self.server = server
@@ -315,6 +322,10 @@ class ClusterScheduler:
         self._open_task = open_task
         self._origins = origins
         self._seeds: dict[str, asyncio.Task[None]] = {}
+        # Seeds fetching for lazy readers only, set once an announce wants the whole task.
+        self._lazy_seeds: dict[str, asyncio.Event] = {}
+        # `TaskManager.last_read`: when a read of a task last waited for missing bytes.
+        self._last_read = last_read
         # task id → (clock time, why) of the latest failed origin download for a swarm.
         self._seed_failures: OrderedDict[str, tuple[float, str]] = OrderedDict()
 
@@ -349,7 +360,7 @@ class ClusterScheduler:
     # -- announces ---------------------------------------------------------------------------
 
     def _announce_of(
-        self, task_id: str, content_length: int, origin: OriginRequest | None
+        self, task_id: str, content_length: int, origin: OriginRequest | None, lazy: bool
     ) -> AnnounceRequest:
         membership = self.membership
         assert membership is not None
@@ -359,7 +370,9 @@ class ClusterScheduler:
             Bitmap.from_flags(flags) if flags is not None and len(flags) == count
             else Bitmap.empty(count)
         )
-        return AnnounceRequest(membership.member_id, content_length, bitmap, origin=origin)
+        return AnnounceRequest(
+            membership.member_id, content_length, bitmap, origin=origin, lazy=lazy
+        )
 
     async def announce(
         self, task_id: str, content_length: int, origin: OriginRequest | None = None
@@ -369,16 +382,17 @@ class ClusterScheduler:
         return list((await self.announce_to_homes(task_id, content_length, origin)).parents)
 
     async def announce_to_homes(
-        self, task_id: str, content_length: int, origin: OriginRequest | None = None
+        self, task_id: str, content_length: int, origin: OriginRequest | None = None,
+        *, lazy: bool = False,
     ) -> AnnounceReply:
         """Tell the task's homes what we hold (and, with `origin`, how home 0 can fetch the
-        task); the answer of the first home that answers. Raises `UpstreamUnavailable` when
-        no home answers."""
+        task; with `lazy`, that we read only parts of it); the answer of the first home that
+        answers. Raises `UpstreamUnavailable` when no home answers."""
         membership = self.membership
         if membership is None:
             raise UpstreamUnavailable("the cluster is not running")
         task_key = task_key_for(task_id)
-        announce = self._announce_of(task_id, content_length, origin)
+        announce = self._announce_of(task_id, content_length, origin, lazy)
         errors: list[str] = []
         for home in self.homes(task_key):
             if home == membership.member_id:
@@ -493,6 +507,9 @@ class ClusterScheduler:
             return ""
         task_id = origin.task_id
         if task_id in self._seeds:
+            widen = self._lazy_seeds.get(task_id)
+            if widen is not None and not announce.lazy:
+                widen.set()  # someone wants all of it now
             return ""
         failure = self._seed_failures.get(task_id)
         if failure is not None:
@@ -508,26 +525,48 @@ class ClusterScheduler:
         self.stats.seeds_started += 1
         log.info("task %s: fetching it from origin for the swarm (announced by %s)",
                  task_id, announce.peer_id)
+        widen = asyncio.Event()
+        if announce.lazy and self._last_read is not None:
+            self._lazy_seeds[task_id] = widen
+        else:
+            widen.set()
         task = asyncio.get_running_loop().create_task(
-            self._seed(origin, announce.content_length), name=f"seed {task_id}"
+            self._seed(origin, announce.content_length, widen), name=f"seed {task_id}"
         )
         self._seeds[task_id] = task
-        task.add_done_callback(lambda _: self._seeds.pop(task_id, None))
+
+        def forget(_: asyncio.Task[None]) -> None:
+            self._seeds.pop(task_id, None)
+            self._lazy_seeds.pop(task_id, None)
+
+        task.add_done_callback(forget)
         return ""
 
-    async def _seed(self, origin: OriginRequest, content_length: int) -> None:
+    async def _seed(
+        self, origin: OriginRequest, content_length: int, widen: asyncio.Event
+    ) -> None:
         assert self._open_task is not None and self._origins is not None
         task_id = origin.task_id
         try:
             plan = self._origins(origin, content_length)
-            async with self._open_task(
-                task_id, plan.source, content_length=content_length, sha256=plan.sha256,
-                attributes=plan.attributes, whole=True,
-            ) as handle:
-                # Waits for every piece (the last one after the sha256 matched) without
-                # copying any: segments are places in the data file.
-                async for _ in handle.segments(0, handle.info.content_length):
-                    pass
+
+            def open_task(whole: bool) -> AbstractAsyncContextManager[TaskHandle]:
+                assert self._open_task is not None
+                return self._open_task(
+                    task_id, plan.source, content_length=content_length, sha256=plan.sha256,
+                    attributes=plan.attributes, whole=whole,
+                )
+
+            async with open_task(whole=False):
+                # Lazy readers only: their ranges (`PeerServer`'s range route) are all this
+                # download fetches until they go quiet or someone wants the whole task.
+                await self._until_quiet(task_id, widen)
+                self._lazy_seeds.pop(task_id, None)
+                async with open_task(whole=True) as handle:
+                    # Waits for every piece (the last one after the sha256 matched) without
+                    # copying any: segments are places in the data file.
+                    async for _ in handle.segments(0, handle.info.content_length):
+                        pass
         except D7yError as error:
             self._seed_failed(task_id, f"{type(error).__name__}: {error}")
         except Exception as error:  # a bug must not pass silently, nor kill the home
@@ -535,6 +574,21 @@ class ClusterScheduler:
             self._seed_failed(task_id, f"{type(error).__name__}")
         else:
             self.stats.seeds_completed += 1
+
+    async def _until_quiet(self, task_id: str, widen: asyncio.Event) -> None:
+        """Return once `widen` is set, or no read of the task waited for missing bytes for
+        `SEED_QUIET_SECONDS`."""
+        started = time.monotonic()
+        while not widen.is_set():
+            last = self._last_read(task_id) if self._last_read is not None else None
+            quiet = time.monotonic() - max(started, last or started)
+            if quiet >= SEED_QUIET_SECONDS:
+                log.info("task %s: its lazy readers went quiet; fetching the rest for the "
+                         "swarm", task_id)
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SEED_QUIET_SECONDS - quiet):
+                    await widen.wait()
 
     def _seed_failed(self, task_id: str, reason: str) -> None:
         self.stats.seeds_failed += 1
@@ -596,7 +650,8 @@ class _HomeFinder:
         pending = self._pending
         try:
             reply = await scheduler.announce_to_homes(
-                self._source.task_id, self._content_length, self._source.origin_request
+                self._source.task_id, self._content_length, self._source.origin_request,
+                lazy=self._source.reading_lazily,
             )
             if reply.origin_error:
                 self._source.home_cannot_fetch(reply.origin_error)
@@ -647,6 +702,9 @@ class ClusterSource:
         # Loop time of the last sign of life from the swarm (a piece, a home's answer showing
         # more pieces); None until the first read.
         self._progress_at: float | None = None
+        # Whether the latest read was of part of a piece (a lazy download's blocks): announces
+        # say so, and home 0 then fetches what is asked first (`ClusterScheduler.seed`).
+        self.reading_lazily = False
 
     async def content_length(self) -> int:
         return await self.origin.content_length()
@@ -708,7 +766,10 @@ class ClusterSource:
             pieces_before = peers.stats.pieces_from_peers
             try:
                 length = await peers.content_length()
-                if _part_of_one_piece(position, end, peers.piece_size, length):
+                self.reading_lazily = _part_of_one_piece(
+                    position, end, peers.piece_size, length
+                )
+                if self.reading_lazily:
                     chunk = await self._read_range(peers, position, end - position)
                     position += len(chunk)
                     traffic.peer_bytes += len(chunk)

@@ -594,13 +594,17 @@ class OriginRequest:
 class AnnounceRequest:
     """A peer tells a task's home what it holds, and asks for parents (unless `forwarded`:
     home 0 passes every announce on to home 1 so that it keeps a copy of the swarm). `origin`,
-    when the peer knows it, lets home 0 fetch the task from origin for everyone."""
+    when the peer knows it, lets home 0 fetch the task from origin for everyone. `lazy` says the
+    peer reads only parts of the task, as its readers ask (a Nydus mount): home 0 then fetches
+    what is asked of it first and the rest once the asking goes quiet (`p2p.ClusterScheduler`).
+    """
 
     peer_id: str
     content_length: int
     bitmap: Bitmap
     forwarded: bool = False
     origin: OriginRequest | None = None
+    lazy: bool = False
 
 
 @dataclass(frozen=True)
@@ -738,6 +742,10 @@ def _fields(message: WireMessage) -> list[Any]:
         if message.origin is not None:
             origin = check_origin_request(message.origin)
             fields.append([origin.task_id, origin.url, [list(item) for item in origin.headers]])
+        elif message.lazy:
+            fields.append(None)
+        if message.lazy:
+            fields.append(True)
         return fields
     if isinstance(message, AnnounceReply):
         _check_text(message.origin_error, "origin error", ORIGIN_ERROR_MAX_BYTES,
@@ -791,17 +799,23 @@ def decode(data: bytes, kind: type[_M]) -> _M:
     body = fields[2:]
     message: WireMessage
     if kind is AnnounceRequest:
-        if len(body) not in (4, 5):
-            raise _bad("an announce has 4 or 5 fields")
+        if len(body) not in (4, 5, 6):
+            raise _bad("an announce has 4 to 6 fields")
         length = _check_length(body[1])
         if type(body[3]) is not bool:
             raise _bad("forwarded must be a boolean")
+        if len(body) == 6 and type(body[5]) is not bool:
+            raise _bad("lazy must be a boolean")
         message = AnnounceRequest(
             _check_text(body[0], "peer id", MEMBER_ID_MAX_BYTES),
             length,
             _check_bitmap(body[2], length),
             body[3],
-            _decode_origin(body[4]) if len(body) == 5 else None,
+            # A lazy announce without an origin request keeps its place with nil.
+            _decode_origin(body[4]) if len(body) == 5 or (
+                len(body) == 6 and body[4] is not None
+            ) else None,
+            len(body) == 6 and body[5],
         )
     elif kind is AnnounceReply:
         if len(body) not in (1, 2) or type(body[0]) is not list or len(body[0]) > MAX_PARENTS:

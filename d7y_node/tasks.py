@@ -10,6 +10,8 @@ a contract other modules are written against; their signatures do not change.
 How one download runs (`_LiveTask`):
 - `origin_concurrency` workers each take the next piece to fetch: first a piece a reader is
   blocked on, then a piece in some reader's range, then (whole downloads) the next missing one.
+  A reader blocked on a piece while every worker is busy with another gets an extra worker at
+  once (at most `origin_concurrency` extra), instead of waiting for a worker to finish.
 - A worker streams its piece from the source into the data file in batches (two in flight, so
   the socket keeps flowing while the previous batch is written), feeding the piece's xxh3 as it
   goes. A broken read is retried from where it broke, so a byte is written only once.
@@ -255,12 +257,16 @@ class _LiveTask:
         self.stopped = asyncio.Event()
         self.stopped.set()
         self.workers: list[asyncio.Task[None]] = []
+        # Of the workers, those started for a blocked reader (`_serve_blocked`).
+        self.urgent_workers = 0
         self.in_flight: dict[int, _PieceProgress] = {}
         # Readers blocked on a piece (index -> how many), and pieces in readers' ranges.
         self.waiting: dict[int, int] = {}
         self.wanted: dict[int, int] = {}
         # The byte ranges readers want, by piece (a lazy download fetches their blocks).
         self.wanted_ranges: dict[int, list[tuple[int, int]]] = {}
+        # `time.monotonic()` of the latest read of part of the task not yet held (None: none).
+        self.read_at: float | None = None
         self.piece_events: dict[int, asyncio.Event] = {}
         self.work_available = asyncio.Event()
         # Whole downloads: lowest index that may still be missing and unassigned.
@@ -464,53 +470,92 @@ class _LiveTask:
                 self.work_available.clear()
                 await self.work_available.wait()
                 continue
-            start, size = stored.piece_range(index)
-            progress = _PieceProgress(index, start, size)
-            self.in_flight[index] = progress
-            by_blocks = (
-                not self.whole or index in stored.partial or self._wants_part(index)
-            ) and not (
-                isinstance(self.source, WholePieceSource)
-                and self.source.reads_whole_pieces(index)
+            if not await self._fetch_one(index):
+                return
+
+    async def _urgent_worker(self) -> None:
+        """Fetch pieces readers are blocked on while no regular worker is free, then end."""
+        while not self.finished.is_set():
+            blocked = [i for i in self.waiting if self._is_free(i)]
+            if not blocked or not await self._fetch_one(min(blocked)):
+                return
+
+    def _serve_blocked(self, index: int) -> None:
+        """A reader is blocked on piece `index`: when every worker is busy with another piece
+        (a whole download's workers can be deep in pieces nobody waits for), give it a worker
+        of its own at once, up to `origin_concurrency` such extra workers."""
+        if (
+            self.supervisor is None
+            or self.finished.is_set()
+            or not self._is_free(index)
+            or len(self.in_flight) < sum(1 for worker in self.workers if not worker.done())
+            or self.urgent_workers >= self.config.origin_concurrency
+        ):
+            return
+        self.urgent_workers += 1
+        task = asyncio.create_task(self._urgent_worker(), name=f"urgent worker {self.task_id}")
+        self.workers.append(task)
+
+        def done(finished: asyncio.Task[None]) -> None:
+            self.urgent_workers -= 1
+            with contextlib.suppress(ValueError):
+                self.workers.remove(finished)
+
+        task.add_done_callback(done)
+
+    async def _fetch_one(self, index: int) -> bool:
+        """Fetch piece `index` (or the blocks of it that are wanted); False when the download
+        failed and the worker must stop."""
+        stored = self.stored
+        assert stored is not None
+        start, size = stored.piece_range(index)
+        progress = _PieceProgress(index, start, size)
+        self.in_flight[index] = progress
+        by_blocks = (
+            not self.whole or index in stored.partial or self._wants_part(index)
+        ) and not (
+            isinstance(self.source, WholePieceSource)
+            and self.source.reads_whole_pieces(index)
+        )
+        try:
+            if by_blocks:
+                held = await self._fetch_blocks(index)
+            else:
+                await self._fetch_piece(progress)
+                held = True
+        except asyncio.CancelledError:
+            raise
+        except UpstreamStatus as err:
+            self._fail(
+                TaskFailed(f"task {self.task_id}: origin answered {err.status} for piece "
+                           f"{index}"),
+                "upstream_status",
             )
-            try:
-                if by_blocks:
-                    held = await self._fetch_blocks(index)
-                else:
-                    await self._fetch_piece(progress)
-                    held = True
-            except asyncio.CancelledError:
-                raise
-            except UpstreamStatus as err:
-                self._fail(
-                    TaskFailed(f"task {self.task_id}: origin answered {err.status} for piece "
-                               f"{index}"),
-                    "upstream_status",
-                )
-                return
-            except UpstreamUnavailable as err:
-                self._fail(
-                    TaskFailed(f"task {self.task_id}: piece {index} failed after "
-                               f"{self.config.piece_retries} retries: {err}"),
-                    "upstream_unavailable",
-                )
-                return
-            except StoreFull as err:
-                self._fail(err, "store_full", discard=True)
-                return
-            except Exception as err:
-                log.exception("task %s: piece %d failed", self.task_id, index)
-                self._fail(TaskFailed(f"task {self.task_id}: piece {index}: {err}"), "internal")
-                return
-            finally:
-                self.in_flight.pop(index, None)
-            if not by_blocks:
-                self.store.record_piece(stored, index, progress.digest.intdigest())
-            if held:
-                self.manager._notify_progress(self.task_id)
-            self._wake_piece(index)
-            self._kick_hasher()
-            self._maybe_flush()
+            return False
+        except UpstreamUnavailable as err:
+            self._fail(
+                TaskFailed(f"task {self.task_id}: piece {index} failed after "
+                           f"{self.config.piece_retries} retries: {err}"),
+                "upstream_unavailable",
+            )
+            return False
+        except StoreFull as err:
+            self._fail(err, "store_full", discard=True)
+            return False
+        except Exception as err:
+            log.exception("task %s: piece %d failed", self.task_id, index)
+            self._fail(TaskFailed(f"task {self.task_id}: piece {index}: {err}"), "internal")
+            return False
+        finally:
+            self.in_flight.pop(index, None)
+        if not by_blocks:
+            self.store.record_piece(stored, index, progress.digest.intdigest())
+        if held:
+            self.manager._notify_progress(self.task_id)
+        self._wake_piece(index)
+        self._kick_hasher()
+        self._maybe_flush()
+        return True
 
     def _wake_piece(self, index: int) -> None:
         """Readers waiting on piece `index` look again (it, or some of its blocks, arrived)."""
@@ -807,6 +852,7 @@ class _LiveTask:
                 event = self.piece_events[index] = asyncio.Event()
             self.waiting[index] = self.waiting.get(index, 0) + 1
             self.work_available.set()
+            self._serve_blocked(index)
             try:
                 await event.wait()
             finally:
@@ -848,6 +894,7 @@ class _LiveTask:
                 if not ranges:
                     del self.wanted_ranges[index]
         if delta > 0:
+            self.read_at = time.monotonic()
             self.work_available.set()
 
 
@@ -1153,6 +1200,12 @@ class TaskManager:
             yield Segment(stored.fd, start, size), stored.digests[piece_index]
         finally:
             await self.store.release(stored)
+
+    def last_read(self, task_id: str) -> float | None:
+        """`time.monotonic()` of the latest read of the task that had to wait for bytes not yet
+        held (a reader's or a peer's `read_held`) while it is open here; None otherwise."""
+        live = self._active.get(task_id)
+        return live.read_at if live is not None else None
 
     async def read_held(
         self, task_id: str, offset: int, length: int, *, wait: float

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import random
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -37,7 +38,7 @@ from d7y_node.piece_store import MIB, PieceStore
 from d7y_node.proxy import REPOSITORY_ATTRIBUTE, UPSTREAM_ATTRIBUTE
 from d7y_node.registry import OriginBlob, RegistryClient, Upstream
 from d7y_node.scheduler import AnnounceRequest, Bitmap, OriginRequest, Tracker, task_homes
-from d7y_node.tasks import TaskManager
+from d7y_node.tasks import TaskHandle, TaskManager
 from tests.harness.background import serve_in_loop
 
 
@@ -498,9 +499,51 @@ async def test_a_lazy_read_off_home_gets_its_blocks_from_the_home_before_its_dow
             assert reader.scheduler.stats.origin_bytes == 0
             info = reader.tasks.info(digest)
             assert info is not None and info.pieces_done == 0  # blocks only, no whole piece
+            # Then, its lazy reader quiet, the home fetches the rest for the swarm.
             await eventually(lambda: home.scheduler is not None
                              and home.scheduler.stats.seeds_completed == 1, 20.0)
             assert origin.sent == len(data)
+
+
+async def test_a_lazy_seed_fetches_all_at_once_when_a_whole_download_announces(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Home 0 fetching only what a lazy reader asks for goes on to the whole blob as soon as a
+    host downloading all of it announces, without waiting for the lazy reader to go quiet."""
+    caplog.set_level("INFO")
+    async with cluster(tmp_path, 3, home_timeout=30.0) as nodes:
+        ids = [node.member_id or "" for node in nodes]
+        data, digest = blob_homed_on(ids, "n2", 8 * MIB + 1)
+        home, lazy_reader, puller = nodes[2], nodes[0], nodes[1]
+        assert home.scheduler is not None
+        async with BlobOrigin(data, digest) as origin:
+            source = lazy_reader.registry.blob_source(origin.upstream, REPOSITORY, digest, TOKEN)
+            async with lazy_reader.tasks.open(
+                digest, source, sha256=digest.removeprefix("sha256:"), whole=False,
+                attributes={UPSTREAM_ATTRIBUTE: str(origin.upstream),
+                            REPOSITORY_ATTRIBUTE: REPOSITORY},
+            ) as handle:
+                assert await handle.read(3 * MIB + 5, 10) == data[3 * MIB + 5 : 3 * MIB + 15]
+                assert origin.sent < MIB  # the home fetched a block, not the blob
+                # The lazy reader keeps asking (never quiet) while another host pulls it all.
+                keep_reading = asyncio.create_task(read_every_block(handle, len(data)))
+                try:
+                    assert await pull(puller, origin, TOKEN) == data
+                finally:
+                    keep_reading.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await keep_reading
+            await eventually(lambda: home.scheduler is not None
+                             and home.scheduler.stats.seeds_completed == 1, 10.0)
+            assert origin.sent == len(data)
+    assert "went quiet" not in caplog.text
+
+
+async def read_every_block(handle: TaskHandle, length: int) -> None:
+    """A lazy reader that never goes quiet: one small read every 0.1 s, across the content."""
+    for offset in itertools.cycle(range(0, length, 64 * 1024)):
+        await handle.read(offset, min(100, length - offset))
+        await asyncio.sleep(0.1)
 
 
 async def test_a_home_that_cannot_fetch_says_so_and_the_downloader_goes_to_origin_at_once(

@@ -4,6 +4,7 @@ piece selection and the peer protocol's wire messages. Pure logic: time is a num
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 from collections import Counter
 
@@ -413,6 +414,16 @@ def test_an_announce_carries_the_origin_request_and_a_reply_the_home_s_origin_er
     assert "secret-token" not in repr(origin) and "secret-token" not in repr(announce)
     reply = AnnounceReply((), "TaskFailed: origin answered 403")
     assert decode(encode(reply), AnnounceReply) == reply
+    # A lazy announce, with and without an origin request; nil in the origin's place only
+    # when the lazy flag follows.
+    for lazy in (dataclasses.replace(announce, lazy=True),
+                 AnnounceRequest("host-1", 3 * MIB, Bitmap.empty(3), lazy=True)):
+        assert decode(encode(lazy), AnnounceRequest) == lazy
+    for body in ([1, 1, "p", MIB, b"\x00", False, None],
+                 [1, 1, "p", MIB, b"\x00", False, None, 1],
+                 [1, 1, "p", MIB, b"\x00", False, None, True, True]):
+        with pytest.raises(InvalidRequest):
+            decode(msgpack.packb(body), AnnounceRequest)
     # A plain URL source (not a registry blob) may name its task freely.
     plain = OriginRequest("https://files.example/a.tar", "https://files.example/a.tar")
     assert decode(encode(AnnounceRequest("h", 0, Bitmap.empty(0), origin=plain)),

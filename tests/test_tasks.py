@@ -331,8 +331,8 @@ async def test_a_lazy_download_takes_whole_pieces_from_a_source_that_moves_them(
 
 async def test_a_whole_download_fetches_the_blocks_a_peer_waits_for_first(tmp_path: Path) -> None:
     """`read_held` of part of a piece the download has not reached (a lazy peer asking the home):
-    the next worker fetches that part's blocks, then the rest of the piece, then goes on in
-    order; the content still ends verified."""
+    while the one worker is busy, an extra one fetches that part's blocks, then the rest of the
+    piece; the download goes on in order and the content still ends verified."""
     data = payload(8 * MIB)
 
     async def slow_first_piece(offset: int, position: int, attempt: int) -> None:
@@ -346,6 +346,8 @@ async def test_a_whole_download_fetches_the_blocks_a_peer_waits_for_first(tmp_pa
             wanted = (5 * MIB + 100, 3000)
             held = await node.manager.read_held("blob", *wanted, wait=10.0)
             assert held == data[wanted[0] : sum(wanted)]
+            # The one worker was still in piece 0: the reader got a worker of its own.
+            assert node.manager.bitmap("blob") == bytes(8)
             await handle.read(0, len(data))
         assert source.reads[:3] == [(0, MIB), (5 * MIB, BLOCK_SIZE),
                                     (5 * MIB + BLOCK_SIZE, MIB - BLOCK_SIZE)]
