@@ -37,16 +37,14 @@ How one download runs (`_LiveTask`):
   - the piece store stays the only cache: blocks are written into the task's data file and
     recorded (with an xxh3 each, verified after a restart) in its metadata;
   - P2P: a piece is offered to peers (bitmap, `open_piece`) only once it is held whole, its
-    blocks checked and its own xxh3 recorded, so the peer protocol and the piece geometry do not
-    change. A peer holding part of a piece offers none of it: serving parts would need block
-    bitmaps and block digests in the protocol, for the rare case that two hosts read the same
-    chunk lazily while no host holds its piece. A lazy read served by peers (`ClusterSource`
-    off the task's home) still moves whole pieces between peers, and writes only its blocks;
-    the origin sees only what the home fetches. Since peers move whole pieces anyway, a source
-    that says a piece's reads go to peers now (`WholePieceSource`, because some peer holds that
-    piece) gets whole-piece fetches from a lazy download too: one transfer per piece, not one per
-    block run. A piece no peer holds yet is read in blocks from the task's home, which holds
-    the request until its own download has them (`read_held`).
+    blocks checked and its own xxh3 recorded, so the bitmaps and the piece geometry do not
+    change. Part of a piece is served only when asked for by range (`read_held`, the peer
+    range route): from held pieces or held blocks, each checked against its recorded xxh3
+    first, or, on the host whose download can fetch them (the task's home), as soon as it has.
+    A source that says a piece's reads go to peers now (`WholePieceSource`, because some peer
+    holds that piece) gets whole-piece fetches from a lazy download: one transfer per piece,
+    not one per block run. A piece no peer holds yet is read in blocks from the task's home
+    (`p2p.ClusterSource`); the origin sees only what the home fetches.
   When a whole download widens a lazy one, a partly held piece is completed from its missing
   blocks, not fetched again.
 - A whole download with a reader of part of a piece it has not started (`read_held`: the home
