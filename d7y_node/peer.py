@@ -542,23 +542,13 @@ class PeerServer:
         task_key = check_task_key(request.match_info["task_key"])
         piece_index = _check_piece_index(request.match_info["piece_index"])
         if not self.slots.try_acquire():
-            self.stats.busy += 1
-            return _error(
-                503, "BUSY", "no free upload slot",
-                headers={"Retry-After": str(self.config.retry_after)},
-            )
+            return self._busy("no free upload slot")
         try:
             async with self.provider.piece(task_key, piece_index) as held:
                 if held is None:
                     self.stats.pieces_missing += 1
                     return _error(404, "PIECE_UNKNOWN", "piece not held")
-                response = web.StreamResponse(
-                    headers={
-                        "Content-Type": "application/octet-stream",
-                        PIECE_DIGEST_HEADER: f"{held.digest:016x}",
-                    }
-                )
-                response.content_length = held.size
+                response = _octets(held.digest, held.size)
                 await response.prepare(request)
                 for segment in held.segments:
                     await self._send(request, response, segment)
@@ -568,6 +558,12 @@ class PeerServer:
                 return response
         finally:
             self.slots.release()
+
+    def _busy(self, why: str) -> web.Response:
+        self.stats.busy += 1
+        return _error(
+            503, "BUSY", why, headers={"Retry-After": str(self.config.retry_after)}
+        )
 
     async def _send(
         self, request: web.Request, response: web.StreamResponse, segment: Segment
@@ -609,11 +605,7 @@ class PeerServer:
             request.query.get("wait", "0"), min(self.config.max_long_poll, MAX_RANGE_WAIT)
         )
         if self.waiting_polls >= self.config.max_long_polls:
-            self.stats.busy += 1
-            return _error(
-                503, "BUSY", "too many waiting requests",
-                headers={"Retry-After": str(self.config.retry_after)},
-            )
+            return self._busy("too many waiting requests")
         self.waiting_polls += 1
         try:
             data = await self.provider.read_range(task_key, offset, length, wait)
@@ -622,13 +614,7 @@ class PeerServer:
         if data is None:
             self.stats.ranges_missing += 1
             return _error(404, "RANGE_UNKNOWN", "range not held here, nor fetched in time")
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "application/octet-stream",
-                PIECE_DIGEST_HEADER: f"{xxhash.xxh3_64_intdigest(data):016x}",
-            }
-        )
-        response.content_length = len(data)
+        response = _octets(xxhash.xxh3_64_intdigest(data), len(data))
         await response.prepare(request)
         view = memoryview(data)
         for start in range(0, len(data), RATE_SLICE_BYTES):
@@ -650,11 +636,7 @@ class PeerServer:
         state = self.provider.state(task_key)
         if state is not None and known == state.bitmap.fingerprint() and wait > 0:
             if self.waiting_polls >= self.config.max_long_polls:
-                self.stats.busy += 1
-                return _error(
-                    503, "BUSY", "too many waiting polls",
-                    headers={"Retry-After": str(self.config.retry_after)},
-                )
+                return self._busy("too many waiting polls")
             self.stats.long_polls += 1
             self.waiting_polls += 1
             try:
@@ -776,6 +758,18 @@ def _error(
     return web.Response(status=status, text=f"{code}: {message}\n", headers=headers)
 
 
+def _octets(digest: int, size: int) -> web.StreamResponse:
+    """The head of an answer of `size` bytes of content whose xxh3_64 is `digest`."""
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "application/octet-stream",
+            PIECE_DIGEST_HEADER: f"{digest:016x}",
+        }
+    )
+    response.content_length = size
+    return response
+
+
 def _message(message: AnnounceReply | TaskState) -> web.Response:
     return web.Response(body=encode(message), headers={"Content-Type": MESSAGE_TYPE})
 
@@ -894,23 +888,31 @@ class PeerClient:
             "GET", address, target, b"", within=self.config.piece_timeout,
             limit=expected_size if expected_size is not None else MAX_PIECE_SIZE, peer=name,
         )
+        self._check_content(
+            name, f"piece {piece_index} of task {task_key}", status, headers, body, expected_size
+        )
+        self.stats.pieces_fetched += 1
+        self.stats.bytes_fetched += len(body)
+        return body
+
+    def _check_content(
+        self, name: str, what: str, status: int, headers: Mapping[str, str], body: bytes,
+        expected_size: int | None,
+    ) -> None:
+        """Raise unless `body` is a 200 answer of `expected_size` bytes (when given) matching
+        the xxh3 it came with (`PieceCorrupt` when it does not)."""
         if status != 200:
             raise self._status_error(name, status, headers, body)
         announced = headers.get(PIECE_DIGEST_HEADER, "")
         if not FINGERPRINT.fullmatch(announced):
             self.stats.failures["no_digest"] += 1
-            raise PeerFailed(name, f"piece {piece_index} came without a valid digest header")
+            raise PeerFailed(name, f"{what} came without a valid digest header")
         if expected_size is not None and len(body) != expected_size:
             self.stats.failures["short_piece"] += 1
-            raise PeerFailed(name, f"piece {piece_index} has {len(body)} bytes, "
-                                   f"expected {expected_size}")
+            raise PeerFailed(name, f"{what} has {len(body)} bytes, expected {expected_size}")
         if xxhash.xxh3_64_intdigest(body) != int(announced, 16):
             self.stats.piece_digest_failures += 1
-            raise PieceCorrupt(name, f"piece {piece_index} of task {task_key} does not match "
-                                     f"its xxh3 {announced}")
-        self.stats.pieces_fetched += 1
-        self.stats.bytes_fetched += len(body)
-        return body
+            raise PieceCorrupt(name, f"{what} does not match its xxh3 {announced}")
 
     async def fetch_range(
         self,
@@ -935,19 +937,9 @@ class PeerClient:
             "GET", address, target, b"", within=wait + self.config.piece_timeout,
             limit=max(length, ERROR_BODY_LIMIT), peer=name,  # room for an error's text
         )
-        if status != 200:
-            raise self._status_error(name, status, headers, body)
-        announced = headers.get(PIECE_DIGEST_HEADER, "")
-        if not FINGERPRINT.fullmatch(announced):
-            self.stats.failures["no_digest"] += 1
-            raise PeerFailed(name, f"range {offset}+{length} came without a valid digest header")
-        if len(body) != length:
-            self.stats.failures["short_piece"] += 1
-            raise PeerFailed(name, f"range {offset}+{length} came with {len(body)} bytes")
-        if xxhash.xxh3_64_intdigest(body) != int(announced, 16):
-            self.stats.piece_digest_failures += 1
-            raise PieceCorrupt(name, f"range {offset}+{length} of task {task_key} does not "
-                                     f"match its xxh3 {announced}")
+        self._check_content(
+            name, f"range {offset}+{length} of task {task_key}", status, headers, body, length
+        )
         self.stats.ranges_fetched += 1
         self.stats.bytes_fetched += len(body)
         return body

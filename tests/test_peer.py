@@ -393,9 +393,14 @@ async def test_piece_without_digest_or_of_wrong_size_is_refused(
         digest = xxhash.xxh3_64_hexdigest(body)
         return web.Response(body=body, headers={PIECE_DIGEST_HEADER: digest})
 
+    async def range_answer(request: web.Request) -> web.Response:
+        digest = xxhash.xxh3_64_hexdigest(body if request.query["offset"] != "1" else b"other")
+        return web.Response(body=body, headers={PIECE_DIGEST_HEADER: digest})
+
     app = web.Application()
     app.router.add_get(PREFIX + "/tasks/{task_key}/pieces/0", no_digest)
     app.router.add_get(PREFIX + "/tasks/{task_key}/pieces/1", short)
+    app.router.add_get(PREFIX + "/tasks/{task_key}/range", range_answer)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -410,6 +415,11 @@ async def test_piece_without_digest_or_of_wrong_size_is_refused(
             await client.fetch_piece(address, "a" * 64, 1, expected_size=200)
         with pytest.raises(PeerFailed, match="exceeds 50"):
             await client.fetch_piece(address, "a" * 64, 1, expected_size=50)
+        assert await client.fetch_range(address, "a" * 64, 0, 100) == body
+        with pytest.raises(PeerFailed, match="has 100 bytes, expected 2000"):
+            await client.fetch_range(address, "a" * 64, 0, 2000)
+        with pytest.raises(PieceCorrupt, match=r"range 1\+100 .* does not match"):
+            await client.fetch_range(address, "a" * 64, 1, 100)
     finally:
         await runner.cleanup()
     # Nobody listens there any more.
