@@ -539,6 +539,40 @@ async def test_a_lazy_seed_fetches_all_at_once_when_a_whole_download_announces(
     assert "went quiet" not in caplog.text
 
 
+async def test_a_lazy_reader_whose_home_leaves_reads_on_through_the_next_home(
+    tmp_path: Path,
+) -> None:
+    """A Nydus mount keeps reading while its blob's home 0 stops: the next read goes to the new
+    home 0 (home 1 until then), which fetches the range from origin; no fallback to origin on
+    the reader, and the bytes are right."""
+    async with cluster(tmp_path, 3, home_timeout=30.0) as nodes:
+        ids = [node.member_id or "" for node in nodes]
+        data, digest = blob_homed_on(ids, "n2", 8 * MIB)
+        reader = nodes[0]
+        successor = task_homes(task_key_for(digest), ids[:2])[0]
+        assert successor == "n1"  # not the reader itself (that would read from origin)
+        assert reader.scheduler is not None
+        async with BlobOrigin(data, digest) as origin:
+            source = reader.registry.blob_source(origin.upstream, REPOSITORY, digest, TOKEN)
+            async with reader.tasks.open(
+                digest, source, sha256=digest.removeprefix("sha256:"), whole=False,
+                attributes={UPSTREAM_ATTRIBUTE: str(origin.upstream),
+                            REPOSITORY_ATTRIBUTE: REPOSITORY},
+            ) as handle:
+                assert await handle.read(MIB + 5, 10) == data[MIB + 5 : MIB + 15]
+                await nodes[2].stop()
+                await eventually(lambda: reader.scheduler is not None
+                                 and reader.scheduler.homes(task_key_for(digest))[0]
+                                 == successor, 10.0)
+                assert await handle.read(6 * MIB + 5, 10) == data[6 * MIB + 5 : 6 * MIB + 15]
+            assert reader.scheduler.stats.origin_bytes == 0
+            assert reader.scheduler.stats.fallbacks == 0
+            new_home = nodes[ids.index(successor)]
+            assert new_home.scheduler is not None
+            assert new_home.scheduler.stats.seeds_started == 1
+            assert new_home.peer_server.stats.ranges_served >= 1
+
+
 async def read_every_block(handle: TaskHandle, length: int) -> None:
     """A lazy reader that never goes quiet: one small read every 0.1 s, across the content."""
     for offset in itertools.cycle(range(0, length, 64 * 1024)):
