@@ -705,6 +705,8 @@ class ClusterSource:
         # Whether the latest read was of part of a piece (a lazy download's blocks): announces
         # say so, and home 0 then fetches what is asked first (`ClusterScheduler.seed`).
         self.reading_lazily = False
+        # The home 0 that the latest range read announced to (see `_read_range`).
+        self._range_home: str | None = None
 
     async def content_length(self) -> int:
         return await self.origin.content_length()
@@ -814,13 +816,16 @@ class ClusterSource:
         """[offset, offset+length), part of one piece: from a parent that holds the piece, else
         from home 0, which fetches it for us first. Raises `UpstreamUnavailable` when neither
         gives it (the caller retries, and falls back to origin if that goes on)."""
-        await peers.parents()  # the first announce also starts home 0's download
+        homes = self.scheduler.homes(self.task_key)
+        # The first announce starts home 0's download; a new home 0 (the last one left or
+        # died) hears from us before we ask it for bytes.
+        await peers.parents(refresh=bool(homes) and homes[0] != self._range_home)
+        self._range_home = homes[0] if homes else None
         holder = peers.holder_of(offset // peers.piece_size)
         wait = 0.0
         if holder is not None:
             address, peer_id = Address(holder.host, holder.port), holder.peer_id
         else:
-            homes = self.scheduler.homes(self.task_key)
             member = self.scheduler.membership.member(homes[0]) if (
                 homes and self.scheduler.membership is not None
             ) else None

@@ -1138,10 +1138,11 @@ class PeerPieceSource:
     async def content_length(self) -> int:
         return self._content_length
 
-    async def parents(self) -> list[Parent]:
-        """The parents known now, asked of the finder first when none were asked yet or the
-        refresh interval has passed (which also tells the home what we hold)."""
-        if self._parents is None or (
+    async def parents(self, *, refresh: bool = False) -> list[Parent]:
+        """The parents known now, asked of the finder first when `refresh`, when none were
+        asked yet or when the refresh interval has passed (which also tells the home what we
+        hold)."""
+        if refresh or self._parents is None or (
             self._refresh_interval is not None
             and self._refreshed_at is not None
             and asyncio.get_running_loop().time() - self._refreshed_at >= self._refresh_interval
