@@ -140,6 +140,15 @@ class _RandomStream(io.RawIOBase):
         return count
 
 
+def random_file_bytes(item: RandomFile, offset: int, length: int) -> bytes:
+    """Bytes [offset, offset+length) of a random file's content."""
+    stream = io.BufferedReader(_RandomStream(item.size, item.seed), WRITE_BLOCK_BYTES)
+    skipped = 0
+    while skipped < offset:
+        skipped += len(stream.read(min(WRITE_BLOCK_BYTES, offset - skipped)))
+    return stream.read(length)
+
+
 def random_file_sha256(item: RandomFile) -> str:
     """The sha256 (hex) of a random file's content, as `sha256sum` inside a container prints it."""
     digest = hashlib.sha256()
@@ -281,12 +290,16 @@ BIG_LAYER_BYTES = 64 * 1024 * 1024
 MEDIUM_LAYER_BYTES = 4 * 1024 * 1024
 
 
+# The big image's 64 MiB file of random bytes.
+BIG_FILE = RandomFile("data/big.bin", BIG_LAYER_BYTES, seed=64)
+
+
 def big_image(layout_dir: Path) -> BuiltImage:
     return build_image(
         layout_dir,
         [
             LayerSpec(busybox=True),
-            LayerSpec(random_files=(RandomFile("data/big.bin", BIG_LAYER_BYTES, seed=64),)),
+            LayerSpec(random_files=(BIG_FILE,)),
             LayerSpec(random_files=(RandomFile("data/medium.bin", MEDIUM_LAYER_BYTES, seed=4),)),
             LayerSpec(text_files={"etc/d7y-test.txt": "layer three\n"}),
         ],

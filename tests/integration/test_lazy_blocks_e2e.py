@@ -1,4 +1,5 @@
-"""A lazy mount fetches blocks, not pieces, from a real registry (issue 4, item 4 and 5).
+"""A lazy mount fetches blocks, not pieces, from a real registry (issue 4, item 4 and 5), also
+when another node of its cluster is the blob's home.
 
 The big test image (tests/harness/images.py) is converted by `d7y-node convert` and pushed to a
 real registry (Debian's `docker-registry`); a node mounts it with `--no-prefetch`, and the test
@@ -6,6 +7,10 @@ reads one small file, then 4 KiB in the middle of a 64 MiB file of random bytes.
 access log says which bytes of each data blob left the origin: exactly the blocks
 (`piece_store.BLOCK_SIZE`) around the chunks those reads need, far less than the pieces
 (`piece_size_for` of the blob) that hold them. The node's `d7y_origin_bytes` agrees.
+
+In a two-node cluster whose other node is the data blob's home 0, the mounting node gets the
+blocks from that home (a peer range request: no byte from origin on the reader); the home fetches
+them first, the rest of the blob once the reads went quiet, and the registry sends the blob once.
 """
 
 from __future__ import annotations
@@ -23,12 +28,15 @@ from typing import Any
 import pytest
 
 from d7y_node.fuse_kernel import READ_AHEAD_BYTES, is_mount_point, mount_device
+from d7y_node.peer import task_key_for
 from d7y_node.piece_store import BLOCK_SIZE, piece_size_for
 from d7y_node.rafs import Chunk, Filesystem, open_bootstrap
 from d7y_node.rafs.tree import ROOT_INO
-from tests.harness.images import MEDIA_TYPE_MANIFEST
+from d7y_node.scheduler import task_homes
+from tests.harness.images import BIG_FILE as BIG_RANDOM_FILE
+from tests.harness.images import MEDIA_TYPE_MANIFEST, random_file_bytes
 from tests.harness.node import node_command
-from tests.harness.process import run
+from tests.harness.process import run, wait_until
 from tests.integration.conftest import NodeFactory
 
 pytestmark = [
@@ -169,5 +177,51 @@ def test_a_lazy_read_fetches_the_blocks_of_its_chunks(
         assert node.metric("d7y_origin_bytes") - metric_start == small + big
     finally:
         run([*node_command(), "umount", "--data-dir", str(node.data_dir), str(mountpoint)],
+            timeout=COMMAND_TIMEOUT_SECONDS, check=False)
+    assert not is_mount_point(str(mountpoint))
+
+
+def test_a_lazy_read_off_the_blobs_home_gets_its_blocks_from_the_home(
+    node_factory: NodeFactory, nydus_image: NydusImage, registry: Any, tmp_path: Path
+) -> None:
+    filesystem = nydus_image.filesystem
+    expected = _chunks(filesystem, BIG_FILE, BIG_READ_OFFSET, BIG_READ_LENGTH)
+    (blob_index,) = {chunk.blob_index for chunk in expected}
+    digest = f"sha256:{filesystem.blobs[blob_index].blob_id}"
+    # Node ids for which the home node, not the reader, is the data blob's home 0.
+    reader_id, home_id = next(
+        (f"lazy-reader-{n}", f"lazy-home-{n}") for n in range(100)
+        if task_homes(task_key_for(digest), [f"lazy-reader-{n}", f"lazy-home-{n}"], 2)[0]
+        == f"lazy-home-{n}"
+    )
+    home = node_factory(extra_arguments=["--node-id", home_id])
+    reader = node_factory(extra_arguments=[
+        "--node-id", reader_id, "--join", f"127.0.0.1:{home.gossip_port}",
+    ])
+    wait_until(lambda: all(node.metric("d7y_gossip_members", state="alive") == 2
+                           for node in (home, reader)),
+               timeout=30.0, what="the two nodes see each other")
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    start = registry.access_log.mark()
+    run([*node_command(), "mount", "--data-dir", str(reader.data_dir), "--no-prefetch",
+         nydus_image.reference, str(mountpoint)], timeout=COMMAND_TIMEOUT_SECONDS)
+    try:
+        with open(mountpoint / BIG_FILE, "rb") as file:
+            read = os.pread(file.fileno(), BIG_READ_LENGTH, BIG_READ_OFFSET)
+        assert read == random_file_bytes(BIG_RANDOM_FILE, BIG_READ_OFFSET, BIG_READ_LENGTH)
+        # The reader asked the home for the blocks; nothing of the data blob from origin.
+        assert reader.metric("d7y_p2p_range_bytes") >= _block_bytes(nydus_image, expected)
+        assert home.metric("d7y_peer_ranges_served") >= 1
+        # The home fetched them for the reader, then (reads quiet) the whole blob, once.
+        blob_size = nydus_image.blob_sizes[digest]
+        wait_until(lambda: registry.access_log.bytes_served(digest, since=start) >= blob_size,
+                   timeout=60.0, what="the home fetched the whole blob")
+        registry.access_log.settle()
+        assert registry.access_log.bytes_served(digest, since=start) == blob_size
+        assert "went quiet" in home.process.log_path.read_text()  # it started lazily
+        assert reader.metric("d7y_p2p_origin_fallbacks") == 0
+    finally:
+        run([*node_command(), "umount", "--data-dir", str(reader.data_dir), str(mountpoint)],
             timeout=COMMAND_TIMEOUT_SECONDS, check=False)
     assert not is_mount_point(str(mountpoint))
