@@ -26,7 +26,7 @@ import socket
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -64,15 +64,12 @@ from d7y_node.preheat import register_commands
 from d7y_node.proxy import ProxyServer
 from d7y_node.registry import RegistryClient
 from d7y_node.scheduler import Tracker
-from d7y_node.snapshotter import (
-    SNAPSHOTTER_DIR,
-    NoRemoteLayers,
-    RemoteLayers,
-    SnapshotsService,
-    Snapshotter,
-    SnapshotterServer,
-)
 from d7y_node.tasks import PieceSource, TaskManager
+
+if TYPE_CHECKING:
+    # Imported when the snapshotter is served (`_start_snapshotter`): its gRPC server,
+    # protobuf and SQLite cost about 5 MB of memory, which a node without it does not pay.
+    from d7y_node.snapshotter import RemoteLayers, Snapshotter, SnapshotterServer
 
 log = logging.getLogger(__name__)
 
@@ -204,10 +201,8 @@ class Node:
     def __init__(self, config: NodeConfig, *, remote_layers: RemoteLayers | None = None) -> None:
         self.config = config
         # containerd's snapshotter (built in `start`); `remote_layers` is its hook for remote
-        # (Nydus) layers, replaceable until `start`.
-        self.remote_layers: RemoteLayers = (
-            remote_layers if remote_layers is not None else NoRemoteLayers()
-        )
+        # (Nydus) layers, replaceable until `start` (None: plain layers only).
+        self.remote_layers: RemoteLayers | None = remote_layers
         self.snapshotter: Snapshotter | None = None
         self.snapshotter_server: SnapshotterServer | None = None
         self.metrics = Metrics()
@@ -362,8 +357,17 @@ class Node:
         settings = self.config.snapshotter
         if settings.socket is None and settings.nydus_socket is None:
             return
+        from d7y_node.snapshotter import (
+            SNAPSHOTTER_DIR,
+            NoRemoteLayers,
+            SnapshotsService,
+            Snapshotter,
+            SnapshotterServer,
+        )
+
         snapshotter = Snapshotter(
-            self.config.store.data_dir / SNAPSHOTTER_DIR, remote=self.remote_layers
+            self.config.store.data_dir / SNAPSHOTTER_DIR,
+            remote=self.remote_layers if self.remote_layers is not None else NoRemoteLayers(),
         )
         self.snapshotter = snapshotter
         await snapshotter.open()
