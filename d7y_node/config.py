@@ -124,6 +124,10 @@ class RegistryConfig:
     # A client's credentials that upstream accepted for a repository are trusted this long
     # before upstream is asked again (blobs served from the store still need authorization).
     auth_cache_ttl: float = 300.0
+    # Docker-style config.json with the node's own registry logins, for the node's own requests
+    # (Nydus mounts by reference, the snapshotter's lazy layers; never a mirror client's);
+    # None: no credentials (anonymous tokens are still fetched where a registry wants them).
+    auth_file: Path | None = field(default_factory=lambda: docker_config_path())
 
 
 @dataclass(frozen=True)
@@ -381,6 +385,14 @@ def parse_log_level(key: str, value: Any) -> str:
     return level
 
 
+def docker_config_path(environ: Mapping[str, str] | None = None) -> Path:
+    """Where Docker keeps its `config.json`: `$DOCKER_CONFIG`, else `~/.docker`."""
+    environ = os.environ if environ is None else environ
+    directory = environ.get("DOCKER_CONFIG")
+    base = Path(directory) if directory else Path(environ.get("HOME") or "/root") / ".docker"
+    return base / "config.json"
+
+
 def parse_path(key: str, value: Any) -> Path:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(key, f"expected a path, got {value!r}")
@@ -452,6 +464,10 @@ def _options() -> dict[str, Option]:
                "upstream registry when a request names none", "URL"),
         Option("insecure_registry", ("registry", "insecure_registries"), parse_host_list,
                "upstream reached over plain HTTP (repeatable)", "HOST[:PORT]"),
+        Option("registry_auth_file", ("registry", "auth_file"), parse_optional(parse_path),
+               "Docker config.json with the node's own registry logins, for its Nydus mounts "
+               "(default $DOCKER_CONFIG/config.json or ~/.docker/config.json; off: none)",
+               "FILE"),
         Option("log_level", ("log_level",), parse_log_level,
                "debug, info, warning or error", "LEVEL"),
         Option("gc_quota", ("store", "gc_quota"), parse_optional(parse_size),

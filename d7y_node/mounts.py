@@ -66,7 +66,7 @@ from d7y_node.oci import Descriptor, default_platform, json_object
 from d7y_node.peer import AUTH_HEADER, PeerAuth, is_loopback
 from d7y_node.preheat import Platform, parse_image_reference
 from d7y_node.proxy import REPOSITORY_ATTRIBUTE, UPSTREAM_ATTRIBUTE
-from d7y_node.registry import RegistryClient, Upstream, parse_upstream_url
+from d7y_node.registry import Authorize, RegistryClient, Upstream, parse_upstream_url
 from d7y_node.tasks import TaskManager
 
 if TYPE_CHECKING:
@@ -79,6 +79,7 @@ if TYPE_CHECKING:
         RafsMount,
         TaskBlobSource,
     )
+    from d7y_node.registry_auth import RegistryLogin
 
 log = logging.getLogger(__name__)
 
@@ -309,8 +310,11 @@ class ImageResolver:
     def __init__(
         self, registry: RegistryClient, tasks: TaskManager, data_dir: Path,
         insecure_registries: tuple[str, ...], platform: Platform | None = None,
+        login: RegistryLogin | None = None,
     ) -> None:
         self.registry = registry
+        # The node's own registry credentials, for mounts that bring none (`--authorization`).
+        self.login = login
         self.tasks = tasks
         self.bootstraps = data_dir / MOUNTS_DIR / BOOTSTRAPS_DIR
         self.insecure = insecure_registries
@@ -327,14 +331,43 @@ class ImageResolver:
             upstream = self.registry.default_upstream
         return upstream, spec.repository or image.repository, image.reference
 
+    def authorizer(
+        self, authorization: str | None, upstream: Upstream, repository: str
+    ) -> Authorize | None:
+        """The node's own credentials for `repository` (`registry_auth`), unless the mount
+        brought an `Authorization` of its own or the node has no login."""
+        login = self.login
+        if authorization or login is None:
+            return None
+
+        async def authorize(renew: bool) -> str | None:
+            return await login.authorization(upstream, repository, renew=renew)
+
+        return authorize
+
     async def resolve(self, spec: MountSpec) -> NydusImage:
         upstream, repository, reference = self.location(spec)
         headers = {"Accept": MANIFEST_ACCEPT}
-        if spec.authorization:
-            headers["Authorization"] = spec.authorization
+        authorize = self.authorizer(spec.authorization, upstream, repository)
+        authorization = spec.authorization or (await authorize(False) if authorize else None)
+        if authorization:
+            headers["Authorization"] = authorization
         for _depth in range(MAX_INDEX_DEPTH + 1):
             url = RegistryClient.manifest_url(upstream, repository, reference)
-            answer = await self.registry.fetch("GET", url, headers, max_bytes=MAX_MANIFEST_BYTES)
+            try:
+                answer = await self.registry.fetch(
+                    "GET", url, headers, max_bytes=MAX_MANIFEST_BYTES
+                )
+            except UpstreamStatus as err:
+                if err.status != 401 or authorize is None:
+                    raise
+                renewed = await authorize(True)  # a token that expired meanwhile
+                headers.pop("Authorization", None)
+                if renewed:
+                    headers["Authorization"] = renewed
+                answer = await self.registry.fetch(
+                    "GET", url, headers, max_bytes=MAX_MANIFEST_BYTES
+                )
             document = json_object(answer.body, f"manifest of {spec.image}")
             if "manifests" in document and "layers" not in document:
                 reference = self._choose(document, spec)
@@ -379,7 +412,9 @@ class ImageResolver:
             )
         return NydusImage(upstream, repository, bootstrap[0], bootstrap[1], blobs)
 
-    async def bootstrap(self, image: NydusImage, authorization: str | None) -> Path:
+    async def bootstrap(
+        self, image: NydusImage, authorization: str | None, authorize: Authorize | None = None
+    ) -> Path:
         """The bootstrap file of the image in the data dir (fetched and extracted once)."""
         hex_digest = image.bootstrap_digest.removeprefix("sha256:")
         path = self.bootstraps / f"{hex_digest}.boot"
@@ -389,7 +424,7 @@ class ImageResolver:
             raise RafsError(f"a bootstrap layer of {image.bootstrap_size} bytes is too big")
         source = self.registry.blob_source(
             image.upstream, image.repository, image.bootstrap_digest, authorization,
-            content_length=image.bootstrap_size,
+            content_length=image.bootstrap_size, authorize=authorize,
         )
         async with self.tasks.open(
             image.bootstrap_digest, source, content_length=image.bootstrap_size,
@@ -413,13 +448,15 @@ class ImageResolver:
         temporary.write_bytes(data)
         os.replace(temporary, path)
 
-    def blob_source(self, image: NydusImage, authorization: str | None) -> TaskBlobSource:
+    def blob_source(
+        self, image: NydusImage, authorization: str | None, authorize: Authorize | None = None
+    ) -> TaskBlobSource:
         from d7y_node.fuse_mount import TaskBlobSource
 
         def source(blob_id: str) -> Any:
             return self.registry.blob_source(
                 image.upstream, image.repository, f"sha256:{blob_id}", authorization,
-                content_length=image.blob_sizes.get(blob_id),
+                content_length=image.blob_sizes.get(blob_id), authorize=authorize,
             )
 
         return TaskBlobSource(self.tasks, source, content_lengths=image.blob_sizes)
@@ -601,8 +638,9 @@ class MountManager:
         if self.resolver is None:
             raise D7yError("image mounts need the node's registry client and piece store")
         image = await self.resolver.resolve(spec)
-        bootstrap = await self.resolver.bootstrap(image, spec.authorization)
-        return bootstrap, self.resolver.blob_source(image, spec.authorization)
+        authorize = self.resolver.authorizer(spec.authorization, image.upstream, image.repository)
+        bootstrap = await self.resolver.bootstrap(image, spec.authorization, authorize)
+        return bootstrap, self.resolver.blob_source(image, spec.authorization, authorize)
 
     async def _watch(self, active: ActiveMount) -> None:
         """Wait for the mount to end (from here or outside), then let go of it."""
@@ -887,8 +925,12 @@ async def serve_foreground(
             stack.push_async_callback(tasks.close)
             registry = RegistryClient(config.registry, metrics)
             stack.push_async_callback(registry.close)
-            resolver = ImageResolver(registry, tasks, data_dir,
-                                     config.registry.insecure_registries)
+            from d7y_node.registry_auth import Credentials, RegistryLogin
+
+            resolver = ImageResolver(
+                registry, tasks, data_dir, config.registry.insecure_registries,
+                login=RegistryLogin(registry, Credentials.of(config.registry.auth_file)),
+            )
         else:
             data_dir.mkdir(parents=True, exist_ok=True)
         manager = MountManager(data_dir, resolver=resolver, served_by=SERVED_BY_FOREGROUND)

@@ -63,6 +63,7 @@ from d7y_node.piece_store import PieceStore
 from d7y_node.preheat import register_commands
 from d7y_node.proxy import ProxyServer
 from d7y_node.registry import RegistryClient
+from d7y_node.registry_auth import Credentials, RegistryLogin
 from d7y_node.scheduler import Tracker
 from d7y_node.tasks import PieceSource, TaskManager
 
@@ -243,8 +244,10 @@ class Node:
         data_dir = config.store.data_dir
         self.mounts = MountManager(
             data_dir, auth=self.peer_auth,
-            resolver=ImageResolver(self.registry, self.tasks, data_dir,
-                                   config.registry.insecure_registries),
+            resolver=ImageResolver(
+                self.registry, self.tasks, data_dir, config.registry.insecure_registries,
+                login=RegistryLogin(self.registry, Credentials.of(config.registry.auth_file)),
+            ),
             handover=Handover(data_dir, MOUNTS_SCOPE) if config.fuse_handover else None,
         )
         if remote_layers is None and self.mounts.resolver is not None:

@@ -138,9 +138,14 @@ def registry_sources(resolver: ImageResolver) -> SourceFactory:
         # The mount point is not used to locate the image.
         spec = MountSpec(mountpoint="/", image=location.image_ref)
         upstream, repository, _reference = resolver.location(spec)
+        # containerd pulled the bootstrap with the kubelet's credentials; the blobs are fetched
+        # with the node's own (`--registry-auth-file`).
+        authorize = resolver.authorizer(None, upstream, repository)
 
         def source(blob_id: str) -> PieceSource:
-            return resolver.registry.blob_source(upstream, repository, f"sha256:{blob_id}", None)
+            return resolver.registry.blob_source(
+                upstream, repository, f"sha256:{blob_id}", None, authorize=authorize
+            )
 
         return TaskBlobSource(resolver.tasks, source)
 

@@ -649,6 +649,7 @@ class _HomeFinder:
         self._pending = asyncio.get_running_loop().create_future()
         pending = self._pending
         try:
+            await self._source.describe_origin()
             reply = await scheduler.announce_to_homes(
                 self._source.task_id, self._content_length, self._source.origin_request,
                 lazy=self._source.reading_lazily,
@@ -697,6 +698,7 @@ class ClusterSource:
         self._counted_home = False
         # How the task's home 0 can fetch it from origin (sent with every announce).
         self.origin_request = origin_request_of(task_id, origin)
+        self._origin_described = False
         # Why the task's home could not fetch it from origin, once it said so.
         self._home_error: str | None = None
         # Loop time of the last sign of life from the swarm (a piece, a home's answer showing
@@ -710,6 +712,15 @@ class ClusterSource:
 
     async def content_length(self) -> int:
         return await self.origin.content_length()
+
+    async def describe_origin(self) -> None:
+        """Before the first announce: a registry source with the node's own credentials gets
+        its `Authorization` now, so home 0 can fetch with it (`origin_request`)."""
+        if self._origin_described:
+            return
+        self._origin_described = True
+        if isinstance(self.origin, OriginBlob) and await self.origin.authorize():
+            self.origin_request = origin_request_of(self.task_id, self.origin)
 
     def reads_whole_pieces(self, index: int) -> bool:
         """Whether a read of piece `index` now moves the whole piece (`tasks.WholePieceSource`):

@@ -407,8 +407,16 @@ class RegistryClient:
         authorization: str | None,
         *,
         content_length: int | None = None,
+        authorize: Authorize | None = None,
     ) -> OriginBlob:
-        return OriginBlob(self, upstream, repository, digest, authorization, content_length)
+        return OriginBlob(
+            self, upstream, repository, digest, authorization, content_length, authorize
+        )
+
+
+# The node's own credentials for one repository (`registry_auth.RegistryLogin`): the
+# `Authorization` to send, asked again (`renew=True`) when the registry refused the last one.
+Authorize = Callable[[bool], Awaitable[str | None]]
 
 
 class OriginBlob:
@@ -416,6 +424,9 @@ class OriginBlob:
 
     Remembers where the registry redirected the first request (a signed storage URL) and
     sends later ranges there directly, going back to the registry if that URL stops working.
+    With `authorize` (the node's own credentials, not a client's), it gets its `Authorization`
+    before the first request and again, once per request, when the registry answers 401 (a
+    token expired).
     """
 
     def __init__(
@@ -426,6 +437,7 @@ class OriginBlob:
         digest: str,
         authorization: str | None,
         content_length: int | None,
+        authorize: Authorize | None = None,
     ) -> None:
         self.client = client
         self.upstream = upstream
@@ -433,6 +445,8 @@ class OriginBlob:
         self.digest = digest
         self.url = RegistryClient.blob_url(upstream, repository, digest)
         self._authorization = authorization
+        self._authorize = authorize
+        self._authorized = authorize is None
         self._content_length = content_length
         # Where the registry last redirected a range GET (a signed storage URL), if elsewhere.
         self._location: URL | None = None
@@ -440,11 +454,29 @@ class OriginBlob:
     def _headers(self) -> dict[str, str]:
         return {"Authorization": self._authorization} if self._authorization else {}
 
+    async def authorize(self, *, renew: bool = False) -> bool:
+        """Get the `Authorization` from `authorize` (first use, or `renew` after a 401);
+        returns whether there is a hook to ask."""
+        if self._authorize is None:
+            return False
+        if renew or not self._authorized:
+            self._authorization = await self._authorize(renew)
+            self._authorized = True
+        return True
+
     async def content_length(self) -> int:
         if self._content_length is None:
-            self._content_length = await self.client.blob_length(
-                self.upstream, self.repository, self.digest, self._authorization
-            )
+            await self.authorize()
+            try:
+                self._content_length = await self.client.blob_length(
+                    self.upstream, self.repository, self.digest, self._authorization
+                )
+            except UpstreamStatus as err:
+                if err.status != 401 or not await self.authorize(renew=True):
+                    raise
+                self._content_length = await self.client.blob_length(
+                    self.upstream, self.repository, self.digest, self._authorization
+                )
         return self._content_length
 
     async def read(self, offset: int, length: int) -> AsyncIterator[bytes]:
@@ -515,9 +547,15 @@ class OriginBlob:
             # Expired or refused: forget it and ask the registry again.
             response.close()
             self._location = None
+        await self.authorize()
         headers = self._headers()
         headers["Range"] = byte_range
         response = await self.client.request("GET", self.url, headers, whole=False)
+        if response.status == 401 and self._authorize is not None:
+            response.close()
+            await self.authorize(renew=True)
+            headers = {**self._headers(), "Range": byte_range}
+            response = await self.client.request("GET", self.url, headers, whole=False)
         final = response.url
         if response.status in (200, 206) and (final.scheme, final.host, final.port) != (
             self.url.scheme, self.url.host, self.url.port
