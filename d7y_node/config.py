@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -383,6 +384,22 @@ def parse_log_level(key: str, value: Any) -> str:
     if level not in LOG_LEVELS:
         raise ConfigError(key, f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
     return level
+
+
+def read_json_file(path: str | Path, key: str, max_bytes: int) -> Any:
+    """The JSON document in `path` (at most `max_bytes` long); `ConfigError` naming `key` when it
+    cannot be read, is longer, or is not JSON."""
+    try:
+        with open(path, "rb") as file:
+            raw = file.read(max_bytes + 1)
+    except OSError as err:
+        raise ConfigError(key, f"cannot read {path}: {err.strerror}") from None
+    if len(raw) > max_bytes:
+        raise ConfigError(key, f"{path} is larger than {max_bytes} bytes")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ConfigError(key, f"{path} is not JSON: {err}") from None
 
 
 def docker_config_path(environ: Mapping[str, str] | None = None) -> Path:

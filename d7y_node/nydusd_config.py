@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from d7y_node.config import read_json_file
 from d7y_node.errors import ConfigError
 
 # A nydusd config is a few KiB; anything much larger is not one.
@@ -87,18 +87,7 @@ class NydusdSettings:
 
 def load_nydusd_config(path: str | Path) -> NydusdSettings:
     """Read and map a nydusd JSON config file; `ConfigError` when it is not one."""
-    try:
-        with open(path, "rb") as file:
-            raw = file.read(MAX_CONFIG_BYTES + 1)
-    except OSError as err:
-        raise ConfigError("--nydusd-config", f"cannot read {path}: {err.strerror}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError("--nydusd-config", f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        document = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError("--nydusd-config", f"{path} is not JSON: {err}") from None
-    return map_nydusd_config(document)
+    return map_nydusd_config(read_json_file(path, "--nydusd-config", MAX_CONFIG_BYTES))
 
 
 def _object(value: Any, where: str) -> Mapping[str, Any]:

@@ -36,6 +36,7 @@ from typing import Any
 
 from yarl import URL
 
+from d7y_node.config import read_json_file
 from d7y_node.errors import ConfigError, UpstreamUnavailable
 from d7y_node.registry import RegistryClient, Upstream
 
@@ -84,19 +85,9 @@ class Credentials:
     def load(cls, path: Path) -> Credentials:
         """The logins in `path`; none when it does not exist. Raises `ConfigError` when it
         exists but is not a Docker config (not JSON, `auths` not a map, a bad `auth`)."""
-        try:
-            with path.open("rb") as file:
-                data = file.read(MAX_CONFIG_BYTES + 1)
-        except FileNotFoundError:
+        if not path.exists():
             return cls()
-        except OSError as err:
-            raise ConfigError("registry_auth_file", f"cannot read {path}: {err}") from None
-        if len(data) > MAX_CONFIG_BYTES:
-            raise ConfigError("registry_auth_file", f"{path} is larger than 1 MiB")
-        try:
-            document = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ConfigError("registry_auth_file", f"{path} is not JSON: {err}") from None
+        document = read_json_file(path, "registry_auth_file", MAX_CONFIG_BYTES)
         auths = document.get("auths", {}) if isinstance(document, dict) else None
         if not isinstance(auths, dict):
             raise ConfigError("registry_auth_file", f"{path}: `auths` is not a map")

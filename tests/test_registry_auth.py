@@ -78,7 +78,7 @@ def test_no_file_means_no_logins_and_a_bad_one_is_a_config_error(tmp_path: Path)
         assert raised.value.key == "registry_auth_file"
     big = tmp_path / "big.json"
     big.write_bytes(b" " * (1024 * 1024 + 1))
-    with pytest.raises(ConfigError, match="larger than 1 MiB"):
+    with pytest.raises(ConfigError, match="larger than"):
         Credentials.load(big)
 
 
