@@ -5,7 +5,9 @@ credentials) to a registry with htpasswd Basic auth and to one with Bearer token
 harness's token server. A node given a Docker `config.json` with the login mounts the image by
 reference and reads its files: the manifest, the bootstrap layer and the data blob all come with
 the node's own `Authorization` (a token from the token server, or Basic). A node without the
-login gets the registry's 401 back from `d7y-node mount`, and mounts nothing.
+login gets the registry's 401 back from `d7y-node mount`, and mounts nothing. In a cluster, the
+blob's home, which has no login of its own, fetches with the one the mounting node's announce
+carries.
 """
 
 from __future__ import annotations
@@ -13,13 +15,17 @@ from __future__ import annotations
 import base64
 import json
 import os
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from d7y_node.fuse_kernel import is_mount_point
+from d7y_node.peer import task_key_for
+from d7y_node.scheduler import task_homes
+from tests.harness.images import MEDIA_TYPE_MANIFEST
 from tests.harness.node import node_command
-from tests.harness.process import run
+from tests.harness.process import run, wait_until
 from tests.harness.registry import Registry
 from tests.integration.conftest import (
     BASIC_USER,
@@ -103,6 +109,51 @@ def test_a_node_mounts_an_image_with_its_own_login(
         run([*node_command(), "umount", "--data-dir", str(node.data_dir), str(mountpoint)],
             timeout=COMMAND_TIMEOUT_SECONDS, check=False)
     assert not is_mount_point(str(mountpoint))
+
+
+def test_the_home_of_a_blob_fetches_with_the_login_the_announce_carries(
+    token_registry: TokenSetup, nydus_reference: str, registry: Registry,
+    node_factory: NodeFactory, tmp_path: Path,
+) -> None:
+    reference = copy_image(nydus_reference, token_registry.registry.host,
+                           token_registry.credentials)
+    request = urllib.request.Request(
+        f"{registry.url}/v2/{SMALL_REPOSITORY}/manifests/{NYDUS_TAG}",
+        headers={"Accept": MEDIA_TYPE_MANIFEST},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        layers = json.loads(response.read())["layers"]
+    data_blobs = [layer["digest"] for layer in layers
+                  if layer["mediaType"] == "application/vnd.oci.image.layer.nydus.blob.v1"]
+    # Node ids for which the node without a login is every data blob's home 0.
+    reader_id, home_id = next(
+        (f"login-reader-{n}", f"login-home-{n}") for n in range(200)
+        if all(task_homes(task_key_for(blob), [f"login-reader-{n}", f"login-home-{n}"], 2)[0]
+               == f"login-home-{n}" for blob in data_blobs)
+    )
+    home = node_factory(extra_arguments=["--node-id", home_id, "--registry-auth-file", "off"])
+    config = docker_config(tmp_path / "config.json", token_registry.registry.host,
+                           token_registry.credentials)
+    reader = node_factory(extra_arguments=[
+        "--node-id", reader_id, "--join", f"127.0.0.1:{home.gossip_port}",
+        "--registry-auth-file", str(config),
+    ])
+    wait_until(lambda: all(node.metric("d7y_gossip_members", state="alive") == 2
+                           for node in (home, reader)),
+               timeout=30.0, what="the two nodes see each other")
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    run([*node_command(), "mount", "--data-dir", str(reader.data_dir), reference,
+         str(mountpoint)], timeout=COMMAND_TIMEOUT_SECONDS)
+    try:
+        assert (mountpoint / "bin" / "busybox").read_bytes() == Path("/bin/busybox").read_bytes()
+        assert reader.metric("d7y_p2p_origin_fallbacks") == 0
+        assert home.metric("d7y_p2p_seeds", outcome="started") >= 1
+        assert home.metric("d7y_p2p_seeds", outcome="failed") == 0
+        assert home.metric("d7y_peer_ranges_served") >= 1
+    finally:
+        run([*node_command(), "umount", "--data-dir", str(reader.data_dir), str(mountpoint)],
+            timeout=COMMAND_TIMEOUT_SECONDS, check=False)
 
 
 def test_a_node_without_the_login_gets_the_registry_s_refusal(
