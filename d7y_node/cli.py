@@ -19,7 +19,14 @@ import typer
 import yaml
 
 from d7y_node import __version__
-from d7y_node.config import OPTIONS, NodeConfig, load_config
+from d7y_node.config import (
+    OPTIONS,
+    NodeConfig,
+    docker_config_path,
+    load_config,
+    parse_optional,
+    parse_path,
+)
 from d7y_node.errors import ConfigError, D7yError
 
 # Exit codes: 2 for a usage or configuration mistake (as typer/click use), 1 for a failure at run
@@ -301,6 +308,10 @@ def convert_image(
         typer.Option("--insecure-registry", metavar="HOST:PORT",
                      help="reach this registry over plain HTTP (repeatable; localhost always is)"),
     ] = None,
+    registry_auth_file: Optional[str] = typer.Option(  # noqa: UP045 - typer reads this annotation
+        None, "--registry-auth-file", metavar="FILE",
+        help="Docker config.json with registry logins for the pull and the push "
+             "(default $DOCKER_CONFIG/config.json or ~/.docker/config.json; off: none)"),
 ) -> None:
     """Convert an OCI or Docker image into a Nydus (RAFS v6) image and push it as TARGET_REF."""
     from d7y_node.convert import ConvertOptions, ConvertProgress, convert
@@ -316,9 +327,13 @@ def convert_image(
         chosen = Platform.parse(platform) if platform else default_platform()
     except D7yError as err:
         raise ConfigError("--platform", str(err)) from None
+    auth_file = (
+        docker_config_path() if registry_auth_file is None
+        else parse_optional(parse_path)("--registry-auth-file", registry_auth_file)
+    )
     options = ConvertOptions(
         compressor=Compressor(compressor), chunk_size=chunk_size, digester=Digester(digester),
-        platform=chosen, insecure_registries=tuple(insecure_registry or ()),
+        platform=chosen, insecure_registries=tuple(insecure_registry or ()), auth_file=auth_file,
     )
     try:
         options.writer_options()

@@ -67,6 +67,7 @@ from d7y_node.preheat import Platform
 from d7y_node.rafs.builder import Content, Inode, Tree
 from d7y_node.rafs.chunks import Compressor, Digester
 from d7y_node.rafs.writer import DEFAULT_CHUNK_SIZE, WriterOptions, write_image
+from d7y_node.registry_auth import Credentials
 
 
 class ConvertError(D7yError):
@@ -117,6 +118,8 @@ class ConvertOptions:
     digester: Digester = Digester.BLAKE3
     platform: Platform = field(default_factory=default_platform)
     insecure_registries: tuple[str, ...] = ()
+    # Docker config.json with registry logins for the pull and the push (None: anonymous).
+    auth_file: Path | None = None
     # Temporary files go here (None: the system's temp dir); they are removed at the end.
     work_directory: Path | None = None
     max_layer_bytes: int = DEFAULT_MAX_LAYER_BYTES
@@ -538,7 +541,8 @@ async def convert(
     options = options or ConvertOptions()
     progress = progress or ConvertProgress()
     writer_options = options.writer_options()  # refuses bad settings before any download
-    async with OciRegistry(options.insecure_registries) as registry:
+    credentials = Credentials.of(options.auth_file)
+    async with OciRegistry(options.insecure_registries, credentials=credentials) as registry:
         try:
             return await _convert(registry, source, target, options, writer_options, progress)
         except BaseException:

@@ -9,8 +9,10 @@ monolithic `PUT ?digest=`, skipped when a `HEAD` finds the blob already there) a
 Pulling goes through `registry.RegistryClient` (its pooled session, hand-followed redirects that
 drop `Authorization` off-host, and its error mapping). `RegistryClient.request` is for idempotent
 requests only (it resends once on a stale pooled connection), so uploads use a session of their
-own here: a `POST` or `PUT` must never be sent twice behind the caller's back. Neither side runs
-a token flow: like the rest of the node, an `Authorization` value (if any) is the caller's.
+own here: a `POST` or `PUT` must never be sent twice behind the caller's back. Credentials are
+the node's own logins (`registry_auth.RegistryLogin`: a Docker `config.json`, Basic or a Bearer
+token per repository, `pull` to read and `pull,push` to write), or one fixed `Authorization`
+the caller gives.
 
 Does not know about layers' contents (`convert.py`) or about RAFS.
 """
@@ -34,6 +36,7 @@ from d7y_node.errors import D7yError, InvalidRequest, UpstreamStatus, UpstreamUn
 from d7y_node.metrics import Metrics
 from d7y_node.preheat import ImageReference, Platform, parse_image_reference
 from d7y_node.registry import USER_AGENT, RegistryClient, Upstream, parse_upstream_url
+from d7y_node.registry_auth import Credentials, RegistryLogin
 
 MEDIA_TYPE_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MEDIA_TYPE_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -181,14 +184,25 @@ class OciRegistry:
 
     def __init__(
         self, insecure_registries: tuple[str, ...] = (), authorization: str | None = None,
-        *, metrics: Metrics | None = None,
+        *, metrics: Metrics | None = None, credentials: Credentials | None = None,
     ) -> None:
         self.insecure_registries = insecure_registries
         self._pull = RegistryClient(
             RegistryConfig(insecure_registries=insecure_registries), metrics or Metrics()
         )
-        self._headers = {"Authorization": authorization} if authorization else {}
+        self._authorization = authorization
+        self._login = (
+            RegistryLogin(self._pull, credentials)
+            if credentials is not None and authorization is None else None
+        )
         self._push_session: aiohttp.ClientSession | None = None
+
+    async def _headers(self, image: ImageLocation, actions: str = "pull") -> dict[str, str]:
+        """`Authorization` for `image`'s repository: the fixed one, or the node's login."""
+        value = self._authorization
+        if value is None and self._login is not None:
+            value = await self._login.authorization(image.upstream, image.repository, actions)
+        return {"Authorization": value} if value else {}
 
     async def __aenter__(self) -> OciRegistry:
         return self
@@ -207,10 +221,9 @@ class OciRegistry:
 
     # -- pulling ----------------------------------------------------------------------------
 
-    async def _document(self, url: URL, accept: str) -> tuple[bytes, str]:
-        response = await self._pull.fetch(
-            "GET", url, {**self._headers, "Accept": accept}, max_bytes=MAX_DOCUMENT_BYTES
-        )
+    async def _document(self, image: ImageLocation, url: URL, accept: str) -> tuple[bytes, str]:
+        headers = {**await self._headers(image), "Accept": accept}
+        response = await self._pull.fetch("GET", url, headers, max_bytes=MAX_DOCUMENT_BYTES)
         media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
         return response.body, media_type
 
@@ -219,7 +232,7 @@ class OciRegistry:
         reference = image.reference
         for _depth in range(MAX_INDEX_DEPTH + 1):
             url = RegistryClient.manifest_url(image.upstream, image.repository, reference)
-            body, media_type = await self._document(url, ACCEPT)
+            body, media_type = await self._document(image, url, ACCEPT)
             if reference.startswith("sha256:") and sha256_digest(body) != reference:
                 raise UpstreamUnavailable(f"{image}: manifest does not match its digest")
             document = json_object(body, "manifest")
@@ -239,7 +252,9 @@ class OciRegistry:
         if descriptor.size > MAX_DOCUMENT_BYTES:
             raise InvalidRequest("MANIFEST_INVALID", f"config of {descriptor.size} bytes")
         url = RegistryClient.blob_url(image.upstream, image.repository, descriptor.digest)
-        response = await self._pull.fetch("GET", url, self._headers, max_bytes=MAX_DOCUMENT_BYTES)
+        response = await self._pull.fetch(
+            "GET", url, await self._headers(image), max_bytes=MAX_DOCUMENT_BYTES
+        )
         if sha256_digest(response.body) != descriptor.digest:
             raise UpstreamUnavailable(f"config of {image} does not match {descriptor.digest}")
         return json_object(response.body, "config")
@@ -251,7 +266,7 @@ class OciRegistry:
         """Write the blob into `path`, checking its size and sha256 (the file is removed when
         they do not match)."""
         url = RegistryClient.blob_url(image.upstream, image.repository, descriptor.digest)
-        response = await self._pull.request("GET", url, self._headers, whole=False)
+        response = await self._pull.request("GET", url, await self._headers(image), whole=False)
         hasher = hashlib.sha256()
         received = 0
         try:
@@ -286,7 +301,7 @@ class OciRegistry:
         if self._push_session is None or self._push_session.closed:
             self._push_session = aiohttp.ClientSession(
                 auto_decompress=False,
-                headers={"User-Agent": USER_AGENT, **self._headers},
+                headers={"User-Agent": USER_AGENT},
                 trust_env=False,
                 timeout=aiohttp.ClientTimeout(
                     total=None, sock_connect=30.0, sock_read=UPLOAD_STALL_SECONDS
@@ -295,11 +310,13 @@ class OciRegistry:
         return self._push_session
 
     async def _call(
-        self, method: str, url: URL, *, data: Any = None, headers: Mapping[str, str] | None = None,
+        self, image: ImageLocation, method: str, url: URL, *, data: Any = None,
+        headers: Mapping[str, str] | None = None,
     ) -> tuple[int, Mapping[str, str], bytes]:
+        sent = {**await self._headers(image, "pull,push"), **(headers or {})}
         try:
             async with self._session().request(
-                method, url, data=data, headers=dict(headers or {}), allow_redirects=False,
+                method, url, data=data, headers=sent, allow_redirects=False,
             ) as response:
                 body = await response.content.read(MAX_DOCUMENT_BYTES)
                 return response.status, dict(response.headers), body
@@ -308,7 +325,7 @@ class OciRegistry:
 
     async def has_blob(self, image: ImageLocation, digest: str) -> bool:
         url = RegistryClient.blob_url(image.upstream, image.repository, digest)
-        status, _headers, _body = await self._call("HEAD", url)
+        status, _headers, _body = await self._call(image, "HEAD", url)
         return status == 200
 
     async def push_blob(
@@ -322,7 +339,7 @@ class OciRegistry:
         start = image.upstream.base_url.with_path(
             f"/v2/{image.repository}/blobs/uploads/", encoded=True
         )
-        status, headers, body = await self._call("POST", start)
+        status, headers, body = await self._call(image, "POST", start)
         location = headers.get("Location")
         if status != 202 or not location:
             raise UpstreamStatus(status, headers, body)
@@ -332,7 +349,7 @@ class OciRegistry:
         upload = upload.update_query({"digest": digest})
         size = os.stat(path).st_size
         status, headers, body = await self._call(
-            "PUT", upload, data=_file_body(path, progress),
+            image, "PUT", upload, data=_file_body(path, progress),
             headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
         )
         if status != 201:
@@ -343,7 +360,7 @@ class OciRegistry:
         """PUT the manifest under the image's tag (or digest); its digest."""
         url = RegistryClient.manifest_url(image.upstream, image.repository, image.reference)
         status, headers, answer = await self._call(
-            "PUT", url, data=body, headers={"Content-Type": media_type}
+            image, "PUT", url, data=body, headers={"Content-Type": media_type}
         )
         if status not in (200, 201):
             raise UpstreamStatus(status, headers, answer)

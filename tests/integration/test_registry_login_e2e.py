@@ -7,7 +7,7 @@ reference and reads its files: the manifest, the bootstrap layer and the data bl
 the node's own `Authorization` (a token from the token server, or Basic). A node without the
 login gets the registry's 401 back from `d7y-node mount`, and mounts nothing. In a cluster, the
 blob's home, which has no login of its own, fetches with the one the mounting node's announce
-carries.
+carries. `d7y-node convert` pulls from and pushes to the token registry with the same login.
 """
 
 from __future__ import annotations
@@ -178,3 +178,27 @@ def test_a_malformed_docker_config_stops_the_node_with_one_line(tmp_path: Path) 
     assert started.returncode == 2, started.stderr
     assert "registry_auth_file" in started.stderr and "base64" in started.stderr
     assert "Traceback" not in started.stderr
+
+
+def test_convert_pulls_and_pushes_with_the_login(
+    token_registry: TokenSetup, node_factory: NodeFactory, tmp_path: Path,
+) -> None:
+    host = token_registry.registry.host
+    config = docker_config(tmp_path / "config.json", host, token_registry.credentials)
+    source = f"{host}/{SMALL_REPOSITORY}:{TAG}"
+    target = f"{host}/{SMALL_REPOSITORY}:converted-with-login"
+    refused = run([*node_command(), "convert", "--registry-auth-file", "off", source, target],
+                  timeout=COMMAND_TIMEOUT_SECONDS, check=False)
+    assert refused.returncode != 0 and "401" in refused.stderr, refused.stderr
+    run([*node_command(), "convert", "--registry-auth-file", str(config), source, target],
+        timeout=COMMAND_TIMEOUT_SECONDS)
+    node = node_factory(extra_arguments=["--registry-auth-file", str(config)])
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    run([*node_command(), "mount", "--data-dir", str(node.data_dir), target, str(mountpoint)],
+        timeout=COMMAND_TIMEOUT_SECONDS)
+    try:
+        assert (mountpoint / SMALL_FILE).read_bytes() == SMALL_FILE_CONTENT
+    finally:
+        run([*node_command(), "umount", "--data-dir", str(node.data_dir), str(mountpoint)],
+            timeout=COMMAND_TIMEOUT_SECONDS, check=False)
