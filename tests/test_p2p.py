@@ -414,13 +414,21 @@ class BlobOrigin:
         return Upstream("http", f"127.0.0.1:{self.port}")
 
 
-async def pull(node: Node, origin: BlobOrigin, authorization: str) -> bytes:
-    """What the proxy does for a client's blob GET: the registry source, the blob's digest."""
+def open_blob(
+    node: Node, origin: BlobOrigin, authorization: str, *, whole: bool = True
+) -> contextlib.AbstractAsyncContextManager[TaskHandle]:
+    """The task the proxy opens for a client's blob GET (`whole=False`: as a Range request or
+    a Nydus mount reads it): the registry source, the blob's digest."""
     source = node.registry.blob_source(origin.upstream, REPOSITORY, origin.digest, authorization)
-    async with node.tasks.open(
-        origin.digest, source, sha256=origin.digest.removeprefix("sha256:"),
+    return node.tasks.open(
+        origin.digest, source, sha256=origin.digest.removeprefix("sha256:"), whole=whole,
         attributes={UPSTREAM_ATTRIBUTE: str(origin.upstream), REPOSITORY_ATTRIBUTE: REPOSITORY},
-    ) as handle:
+    )
+
+
+async def pull(node: Node, origin: BlobOrigin, authorization: str) -> bytes:
+    """What the proxy does for a client's blob GET."""
+    async with open_blob(node, origin, authorization) as handle:
         return await handle.read(0, handle.info.content_length)
 
 
@@ -484,13 +492,8 @@ async def test_a_lazy_read_off_home_gets_its_blocks_from_the_home_before_its_dow
         home, reader = nodes[2], nodes[0]
         assert home.scheduler is not None and reader.scheduler is not None
         async with BlobOrigin(data, digest, delay=0.05) as origin:
-            source = reader.registry.blob_source(origin.upstream, REPOSITORY, digest, TOKEN)
             wanted = (15 * MIB + 100_000, 5000)
-            async with reader.tasks.open(
-                digest, source, sha256=digest.removeprefix("sha256:"), whole=False,
-                attributes={UPSTREAM_ATTRIBUTE: str(origin.upstream),
-                            REPOSITORY_ATTRIBUTE: REPOSITORY},
-            ) as handle:
+            async with open_blob(reader, origin, TOKEN, whole=False) as handle:
                 assert await handle.read(*wanted) == data[wanted[0] : sum(wanted)]
                 home_info = home.tasks.info(digest)
                 assert home_info is not None and home_info.pieces_done < home_info.piece_count
@@ -517,12 +520,7 @@ async def test_a_lazy_seed_fetches_all_at_once_when_a_whole_download_announces(
         home, lazy_reader, puller = nodes[2], nodes[0], nodes[1]
         assert home.scheduler is not None
         async with BlobOrigin(data, digest) as origin:
-            source = lazy_reader.registry.blob_source(origin.upstream, REPOSITORY, digest, TOKEN)
-            async with lazy_reader.tasks.open(
-                digest, source, sha256=digest.removeprefix("sha256:"), whole=False,
-                attributes={UPSTREAM_ATTRIBUTE: str(origin.upstream),
-                            REPOSITORY_ATTRIBUTE: REPOSITORY},
-            ) as handle:
+            async with open_blob(lazy_reader, origin, TOKEN, whole=False) as handle:
                 assert await handle.read(3 * MIB + 5, 10) == data[3 * MIB + 5 : 3 * MIB + 15]
                 assert origin.sent < MIB  # the home fetched a block, not the blob
                 # The lazy reader keeps asking (never quiet) while another host pulls it all.
@@ -553,12 +551,7 @@ async def test_a_lazy_reader_whose_home_leaves_reads_on_through_the_next_home(
         assert successor == "n1"  # not the reader itself (that would read from origin)
         assert reader.scheduler is not None
         async with BlobOrigin(data, digest) as origin:
-            source = reader.registry.blob_source(origin.upstream, REPOSITORY, digest, TOKEN)
-            async with reader.tasks.open(
-                digest, source, sha256=digest.removeprefix("sha256:"), whole=False,
-                attributes={UPSTREAM_ATTRIBUTE: str(origin.upstream),
-                            REPOSITORY_ATTRIBUTE: REPOSITORY},
-            ) as handle:
+            async with open_blob(reader, origin, TOKEN, whole=False) as handle:
                 assert await handle.read(MIB + 5, 10) == data[MIB + 5 : MIB + 15]
                 await nodes[2].stop()
                 await eventually(lambda: reader.scheduler is not None

@@ -9,7 +9,7 @@ the tail of each node's and containerd's log in its report.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,11 +18,14 @@ import pytest
 
 from d7y_node import fuse_kernel
 from d7y_node.fuse_kernel import is_mount_point
+from d7y_node.peer import task_key_for
+from d7y_node.scheduler import task_homes
 from tests.harness.containerd import Containerd
 from tests.harness.images import BuiltImage, big_image, small_image
 from tests.harness.netns import NetworkLab
 from tests.harness.node import Node
 from tests.harness.origins import FaultyOrigin
+from tests.harness.process import wait_until
 from tests.harness.registry import BasicAuth, Registry, TokenAuth
 from tests.harness.token_server import SigningKey, TokenServer
 
@@ -203,3 +206,28 @@ def end_foreground_mount(process: subprocess.Popen[Any] | None, mountpoint: Path
         process.wait()
     if is_mount_point(str(mountpoint)):
         fuse_kernel.unmount(str(mountpoint))
+
+
+def two_node_ids(digests: Iterable[str], prefix: str) -> tuple[str, str]:
+    """Node ids (`PREFIX-reader-N`, `PREFIX-home-N`) of a two-node cluster in which the second
+    is home 0 of every one of `digests` (so the first reads them from peers)."""
+    keys = [task_key_for(digest) for digest in digests]
+    for number in range(1000):
+        reader, home = f"{prefix}-reader-{number}", f"{prefix}-home-{number}"
+        if all(task_homes(key, [reader, home], 2)[0] == home for key in keys):
+            return reader, home
+    raise AssertionError("no such node ids")
+
+
+def start_pair(node_factory: NodeFactory, reader_id: str, home_id: str,
+               reader_arguments: Iterable[str] = (), home_arguments: Iterable[str] = (),
+               ) -> tuple[Node, Node]:
+    """(reader, home): two started nodes that joined one cluster and see each other alive."""
+    home = node_factory(extra_arguments=["--node-id", home_id, *home_arguments])
+    reader = node_factory(extra_arguments=[
+        "--node-id", reader_id, "--join", f"127.0.0.1:{home.gossip_port}", *reader_arguments,
+    ])
+    wait_until(lambda: all(node.metric("d7y_gossip_members", state="alive") == 2
+                           for node in (home, reader)),
+               timeout=30.0, what="the two nodes see each other")
+    return reader, home

@@ -28,16 +28,14 @@ from typing import Any
 import pytest
 
 from d7y_node.fuse_kernel import READ_AHEAD_BYTES, is_mount_point, mount_device
-from d7y_node.peer import task_key_for
 from d7y_node.piece_store import BLOCK_SIZE, piece_size_for
 from d7y_node.rafs import Chunk, Filesystem, open_bootstrap
 from d7y_node.rafs.tree import ROOT_INO
-from d7y_node.scheduler import task_homes
 from tests.harness.images import BIG_FILE as BIG_RANDOM_FILE
 from tests.harness.images import MEDIA_TYPE_MANIFEST, random_file_bytes
 from tests.harness.node import node_command
 from tests.harness.process import run, wait_until
-from tests.integration.conftest import NodeFactory
+from tests.integration.conftest import NodeFactory, start_pair, two_node_ids
 
 pytestmark = [
     pytest.mark.integration,
@@ -188,19 +186,7 @@ def test_a_lazy_read_off_the_blobs_home_gets_its_blocks_from_the_home(
     expected = _chunks(filesystem, BIG_FILE, BIG_READ_OFFSET, BIG_READ_LENGTH)
     (blob_index,) = {chunk.blob_index for chunk in expected}
     digest = f"sha256:{filesystem.blobs[blob_index].blob_id}"
-    # Node ids for which the home node, not the reader, is the data blob's home 0.
-    reader_id, home_id = next(
-        (f"lazy-reader-{n}", f"lazy-home-{n}") for n in range(100)
-        if task_homes(task_key_for(digest), [f"lazy-reader-{n}", f"lazy-home-{n}"], 2)[0]
-        == f"lazy-home-{n}"
-    )
-    home = node_factory(extra_arguments=["--node-id", home_id])
-    reader = node_factory(extra_arguments=[
-        "--node-id", reader_id, "--join", f"127.0.0.1:{home.gossip_port}",
-    ])
-    wait_until(lambda: all(node.metric("d7y_gossip_members", state="alive") == 2
-                           for node in (home, reader)),
-               timeout=30.0, what="the two nodes see each other")
+    reader, home = start_pair(node_factory, *two_node_ids([digest], "lazy"))
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     start = registry.access_log.mark()

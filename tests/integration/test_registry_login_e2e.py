@@ -21,11 +21,9 @@ from pathlib import Path
 import pytest
 
 from d7y_node.fuse_kernel import is_mount_point
-from d7y_node.peer import task_key_for
-from d7y_node.scheduler import task_homes
 from tests.harness.images import MEDIA_TYPE_MANIFEST
 from tests.harness.node import node_command
-from tests.harness.process import run, wait_until
+from tests.harness.process import run
 from tests.harness.registry import Registry
 from tests.integration.conftest import (
     BASIC_USER,
@@ -33,6 +31,8 @@ from tests.integration.conftest import (
     TAG,
     NodeFactory,
     TokenSetup,
+    start_pair,
+    two_node_ids,
 )
 
 pytestmark = [
@@ -125,22 +125,14 @@ def test_the_home_of_a_blob_fetches_with_the_login_the_announce_carries(
         layers = json.loads(response.read())["layers"]
     data_blobs = [layer["digest"] for layer in layers
                   if layer["mediaType"] == "application/vnd.oci.image.layer.nydus.blob.v1"]
-    # Node ids for which the node without a login is every data blob's home 0.
-    reader_id, home_id = next(
-        (f"login-reader-{n}", f"login-home-{n}") for n in range(200)
-        if all(task_homes(task_key_for(blob), [f"login-reader-{n}", f"login-home-{n}"], 2)[0]
-               == f"login-home-{n}" for blob in data_blobs)
-    )
-    home = node_factory(extra_arguments=["--node-id", home_id, "--registry-auth-file", "off"])
     config = docker_config(tmp_path / "config.json", token_registry.registry.host,
                            token_registry.credentials)
-    reader = node_factory(extra_arguments=[
-        "--node-id", reader_id, "--join", f"127.0.0.1:{home.gossip_port}",
-        "--registry-auth-file", str(config),
-    ])
-    wait_until(lambda: all(node.metric("d7y_gossip_members", state="alive") == 2
-                           for node in (home, reader)),
-               timeout=30.0, what="the two nodes see each other")
+    # The node without a login is every data blob's home 0.
+    reader, home = start_pair(
+        node_factory, *two_node_ids(data_blobs, "login"),
+        reader_arguments=["--registry-auth-file", str(config)],
+        home_arguments=["--registry-auth-file", "off"],
+    )
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     run([*node_command(), "mount", "--data-dir", str(reader.data_dir), reference,
